@@ -1,0 +1,92 @@
+"""Settings + the node's current addresses -> the firewall Plan (pure).
+
+The plan is the whole desired state, recomputed on every netmap, so a changed tailnet address
+replaces the old rules instead of adding to them (upstream accumulates them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from containerboot.settings import Settings
+from firewall.model import Dnat, DnatNonTailnet, IPAddress, MssClamp, Plan, Rule, Snat
+
+
+class ProxyError(RuntimeError):
+    """The settings ask for rules this node cannot have (upstream exits 1 for these)."""
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the plan depends on besides Settings: all of it comes from the netmap or DNS."""
+
+    self_addrs: tuple[IPAddress, ...] = ()
+    egress_targets: tuple[IPAddress, ...] = ()  # TS_TAILNET_TARGET_IP, or TS_TAILNET_TARGET_FQDN resolved
+    dest_backends: tuple[IPAddress, ...] = ()  # TS_EXPERIMENTAL_DEST_DNS_NAME resolved
+
+
+def _local(addrs: Sequence[IPAddress], fam: int) -> IPAddress | None:
+    return next((a for a in addrs if a.version == fam), None)
+
+
+def egress_targets(settings: Settings, resolved: Iterable[IPAddress] = ()) -> tuple[IPAddress, ...]:
+    if settings.tailnet_target_ip:
+        return (settings.tailnet_target_ip,)
+    return tuple(resolved) if settings.tailnet_target_fqdn else ()
+
+
+def plan(settings: Settings, inputs: Inputs, families: Iterable[int] = (4, 6)) -> tuple[Plan, list[str]]:
+    """The rules for these settings and inputs, and notes worth logging (skipped families, warnings)."""
+    addrs = inputs.self_addrs
+    usable = set(families)
+    rules: list[Rule] = []
+    notes: list[str] = []
+    if not addrs:
+        return Plan(), notes
+
+    if settings.dest_ip:
+        dst = settings.dest_ip
+        local = _local(addrs, dst.version)
+        if local is None:
+            raise ProxyError(f"installing ingress proxy rules: no tailscale IP matching family of {dst} "
+                             f"found in [{' '.join(map(str, addrs))}]")
+        if dst.version == 6 and _local(addrs, 4):
+            notes.append("Warning: proxy backend ClusterIP is an IPv6 address and the proxy has a IPv4 tailnet "
+                         "address. You might need to disable IPv4 address allocation for the proxy for "
+                         "forwarding to work. See https://github.com/tailscale/tailscale/issues/12156")
+        rules += [Dnat(local, (dst,)), MssClamp(dst.version)]
+
+    for fam in (4, 6):
+        backends = tuple(b for b in inputs.dest_backends if b.version == fam)
+        local = _local(addrs, fam)
+        if backends and local:
+            rules += [Dnat(local, backends), MssClamp(fam)]
+        elif backends:
+            notes.append(f"{settings.dest_dns_name} has IPv{fam} backends but this node has no IPv{fam} "
+                         "tailnet address; not forwarding them")
+
+    installed_egress = False
+    for fam in (4, 6):
+        targets = [t for t in inputs.egress_targets if t.version == fam]
+        local = _local(addrs, fam)
+        if not targets or not local:
+            continue
+        if len(targets) > 1:
+            notes.append(f"egress target has {len(targets)} IPv{fam} addresses; forwarding to {targets[0]}")
+        rules += [DnatNonTailnet(targets[0]), Snat(targets[0], local), MssClamp(fam)]
+        installed_egress = True
+    if inputs.egress_targets and not installed_egress:
+        raise ProxyError(f"no forwarding rules for egress addresses [{' '.join(map(str, inputs.egress_targets))}],"
+                         f" host supports IPv6: {6 in usable}")
+
+    if settings.allow_cluster_traffic_via_ingress and settings.pod_ip:
+        local = _local(addrs, settings.pod_ip.version)
+        if local:
+            rules.append(Dnat(settings.pod_ip, (local,)))
+
+    kept = [r for r in rules if r.family in usable]
+    skipped = {str(r) for r in rules if r.family not in usable}
+    if skipped:
+        notes.append(f"IPv6 NAT is unavailable here; not installing: {', '.join(sorted(skipped))}")
+    return Plan.of(*set(kept)), notes
