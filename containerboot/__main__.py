@@ -1,0 +1,3 @@
+from containerboot.cli import main
+
+main()
