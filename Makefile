@@ -1,0 +1,16 @@
+# Everything assumes scripts/install-deps.sh has run (.ci/run does it).
+PY := .venv/bin/python
+
+.PHONY: test unit lint bench
+test: lint
+	CI=$${CI:-false} .venv/bin/pytest -q
+
+unit:
+	.venv/bin/pytest -q tests/unit
+
+lint:
+	.venv/bin/ruff check .
+	.venv/bin/mypy
+
+bench:
+	$(PY) bench/bench_apply.py

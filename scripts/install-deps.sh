@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what the program and its tests need on Debian 12: OS packages and the Python venv (.venv).
+# Idempotent; a warm machine takes a few seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(iptables nftables python3-nftables python3-venv python3-dev iproute2 curl ca-certificates
+          socat procps)
+missing=()
+for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null || true
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Debian's python3 so that its python3-nftables binding is the one the venv sees.
+if [ ! -x .venv/bin/python ]; then
+  /usr/bin/python3 -m venv .venv
+fi
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+ln -sfn /usr/lib/python3/dist-packages/nftables "$site/nftables"
+stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
+if [ ! -f "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip wheel >/dev/null
+  .venv/bin/pip install -q -e '.[test]'
+  touch "$stamp"
+fi
+.venv/bin/python -c 'import nftables, iptc, pyroute2, click, structlog' >/dev/null
+echo "install-deps: OS packages and .venv ready"
