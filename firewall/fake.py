@@ -14,7 +14,7 @@ class FakeDriver:
         self.current = Plan()
         self.history: list[Plan] = []
 
-    def apply(self, plan: Plan) -> None:
+    def apply(self, plan: Plan, full: bool = False) -> None:
         extra = plan.families() - set(self.families)
         if extra:
             raise FirewallError(f"fake: IPv{min(extra)} NAT disabled (TS_TEST_FAKE_NETFILTER_6=false)")

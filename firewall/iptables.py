@@ -378,7 +378,8 @@ class IptablesDriver:
 
         self.families = tuple(sorted(set(families)))
 
-    def apply(self, plan: Plan) -> None:
+    def apply(self, plan: Plan, full: bool = True) -> None:
+        """Always rewrites the owned chains whole (`full` is accepted for the common interface)."""
         extra = plan.families() - set(self.families)
         if extra:
             raise FirewallError(f"iptables: no usable IPv{min(extra)} NAT (ip6_tables) in this kernel")

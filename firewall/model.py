@@ -244,8 +244,10 @@ class Driver(Protocol):
 
     name: str
 
-    def apply(self, plan: Plan) -> None:
-        """Make the owned rules equal to `plan`, atomically per table, removing what is stale."""
+    def apply(self, plan: Plan, full: bool = False) -> None:
+        """Make the owned rules equal to `plan`, atomically per table, removing what is stale.
+
+        `full` rewrites everything instead of trusting what the driver remembers installing."""
 
     def flush(self) -> None:
         """Remove everything the program owns, and nothing else."""

@@ -385,7 +385,8 @@ class NftablesDriver:
                 raise FirewallError(f"nftables: no usable IPv{fam} NAT in this kernel for: "
                                     f"{plan.only(fam).sorted()[0]}")
 
-    def apply(self, plan: Plan) -> None:
+    def apply(self, plan: Plan, full: bool = False) -> None:
+        """`full` rewrites the tables whole, trusting nothing remembered about them."""
         self._check_families(plan)
         cmds: list[Json] = []
         small = True
@@ -393,7 +394,7 @@ class NftablesDriver:
             want, have = plan.only(fam), self._last.get(fam)
             if not want.rules:
                 cmds += drop_table(fam) if have is None or have.rules else []
-            elif have is not None and have.rules and self._intact(fam, have):
+            elif not full and have is not None and have.rules and self._intact(fam, have):
                 cmds += update_table(fam, have, want)
             else:
                 small = False
