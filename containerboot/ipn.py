@@ -1,0 +1,114 @@
+"""IPN bus notifications -> the node as containerboot needs to know it (pure).
+
+Watching with NotifyInitialStatus | NotifyPeerChanges | NotifyNoNetMap, the first notification
+carries the whole status and later ones carry changes: SelfChange (a tailcfg.Node), PeersChanged
+(upserted by NodeID), PeersRemoved (NodeIDs). `update` folds one notification into a `Node`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from firewall.model import IPAddress
+
+STATES = ["NoState", "InUseOtherUser", "NeedsLogin", "NeedsMachineAuth", "Stopped", "Starting", "Running"]
+# NotifyInitialStatus | NotifyPeerChanges | NotifyNoNetMap; the first watch adds InitialPrefs | InitialHealthState.
+WATCH_MASK = (1 << 14) | (1 << 12) | (1 << 13)
+FIRST_WATCH_MASK = WATCH_MASK | (1 << 2) | (1 << 7)
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str  # MagicDNS name with the trailing dot
+    addrs: tuple[IPAddress, ...]
+
+
+@dataclass(frozen=True)
+class Node:
+    self_known: bool = False
+    stable_id: str = ""
+    name: str = ""
+    addrs: tuple[IPAddress, ...] = ()
+    peers: Mapping[int, Peer] = field(default_factory=dict)
+    cert_domains: tuple[str, ...] = ()
+
+    @property
+    def cert_domain(self) -> str:
+        return self.cert_domains[0] if self.cert_domains else "no-https"
+
+
+def state_of(notify: Mapping[str, Any]) -> str | None:
+    """The backend state a notification reports, if any."""
+    state = notify.get("State")
+    if isinstance(state, int) and 0 <= state < len(STATES):
+        return STATES[state]
+    backend = (notify.get("InitialStatus") or {}).get("BackendState")
+    return backend if isinstance(backend, str) and backend else None
+
+
+def is_netmap(notify: Mapping[str, Any]) -> bool:
+    return any(notify.get(k) for k in ("InitialStatus", "SelfChange", "PeersChanged", "PeersRemoved",
+                                       "PeerChangedPatch"))
+
+
+def _addrs(values: Iterable[Any] | None) -> tuple[IPAddress, ...]:
+    """Single addresses from "100.64.0.1" or "100.64.0.1/32" forms; wider prefixes are routes, not ours."""
+    out: list[IPAddress] = []
+    for value in values or ():
+        try:
+            net = ipaddress.ip_network(str(value), strict=False)
+        except ValueError:
+            continue
+        if net.num_addresses == 1:
+            out.append(net.network_address)
+    return tuple(out)
+
+
+def _peer(node: Mapping[str, Any]) -> tuple[int, Peer] | None:
+    """A peer from a tailcfg.Node (Name, Addresses) or an ipnstate.PeerStatus (DNSName, TailscaleIPs)."""
+    node_id = node.get("ID") if isinstance(node.get("ID"), int) else node.get("NodeID")
+    if not isinstance(node_id, int):
+        return None
+    name = node.get("Name") or node.get("DNSName") or ""
+    addrs = _addrs(node.get("Addresses") if "Addresses" in node else node.get("TailscaleIPs"))
+    return node_id, Peer(str(name), addrs)
+
+
+def update(node: Node, notify: Mapping[str, Any]) -> Node:
+    status = notify.get("InitialStatus")
+    if isinstance(status, Mapping):
+        me = status.get("Self") or {}
+        if me:
+            node = replace(node, self_known=True, stable_id=str(me.get("ID", "")), name=str(me.get("DNSName", "")),
+                           addrs=_addrs(me.get("TailscaleIPs") or status.get("TailscaleIPs")))
+        peers = dict(p for p in map(_peer, (status.get("Peer") or {}).values()) if p)
+        if peers:
+            node = replace(node, peers=peers)
+        node = replace(node, cert_domains=tuple(status.get("CertDomains") or ()))
+    me = notify.get("SelfChange")
+    if isinstance(me, Mapping):
+        node = replace(node, self_known=True, stable_id=str(me.get("StableID", node.stable_id)),
+                       name=str(me.get("Name", node.name)), addrs=_addrs(me.get("Addresses")))
+    changed = [p for p in map(_peer, notify.get("PeersChanged") or ()) if p]
+    removed = {i for i in notify.get("PeersRemoved") or () if isinstance(i, int)}
+    if changed or removed:
+        peers = {k: v for k, v in node.peers.items() if k not in removed}
+        peers.update(changed)
+        node = replace(node, peers=peers)
+    return node
+
+
+def fqdn(name: str) -> str:
+    return name if name.endswith(".") else name + "."
+
+
+def resolve(node: Node, name: str) -> tuple[IPAddress, ...]:
+    """A peer's addresses by MagicDNS name (case-insensitive); empty when no peer has that name."""
+    want = fqdn(name).lower()
+    for peer in node.peers.values():
+        if fqdn(peer.name).lower() == want:
+            return peer.addrs
+    return ()
