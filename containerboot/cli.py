@@ -80,8 +80,9 @@ target_addr_option = click.option(
 def main(ctx: click.Context) -> None:
     """Entrypoint for Tailscale containers. Without a subcommand: boot tailscaled and keep its rules."""
     if ctx.invoked_subcommand is None:
-        click.echo(ctx.get_help())
-        sys.exit(2)
+        from containerboot import boot
+
+        sys.exit(boot.main(settings_or_exit()))
 
 
 @main.command()
@@ -151,3 +152,11 @@ def status(as_json: bool) -> None:
         click.echo(json.dumps({"backend": detection.backend, "rules": found.to_json()}))
     else:
         click.echo(f"{detection.variant}\n{found}")
+
+
+@main.command()
+def healthcheck() -> None:
+    """Exit 0 when the node is healthy (for a Docker HEALTHCHECK), else 1."""
+    from containerboot import health
+
+    sys.exit(health.check(settings_or_exit()))
