@@ -1,0 +1,105 @@
+"""Scripted notifications from a fake tailscaled drive real kernel rules: the boot program moves
+them with the node's address, puts them back after a flush, and follows an egress peer by name."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import need_root
+from tests.lab.fakes import Root, Run, netmap, peer, wait_for
+from tests.lab.netns import IP, Lab
+from tests.netns.test_drivers import ADDR, Topology
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def topo() -> Iterator[Topology]:
+    need_root()
+    lab = Lab("b")
+    try:
+        yield Topology(lab)
+    finally:
+        lab.close()
+
+
+@pytest.fixture
+def root() -> Iterator[Root]:
+    d = Path(tempfile.mkdtemp(prefix="cb", dir="/tmp"))
+    r = Root(d)
+    for fake in ("iptables", "ip6tables", "nft"):  # the real ones program the kernel here
+        (d / "usr/bin" / fake).unlink()
+    try:
+        yield r
+    finally:
+        r.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def boot(topo: Topology, root: Root, backend: str, **env: str) -> Run:
+    full = root.env(TS_TEST_FAKE_NETFILTER="false", TS_USERSPACE="false", TS_TEST_RECORD_ENV=f"{root.d}/env",
+                    **({"TS_DEBUG_FIREWALL_MODE": backend} if backend != "auto" else {}), **env)
+    return Run(full, prefix=[IP, "netns", "exec", topo.proxy])
+
+
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_address_change_moves_the_rules_and_a_flush_is_undone(topo: Topology, root: Root, backend: str) -> None:
+    a4, a6 = ADDR[4], ADDR[6]
+    run = boot(topo, root, backend, TS_DEST_IP=a4["backend"])
+    try:
+        root.api.notify(netmap([f"{a4['ts']}/32", f"{a6['ts']}/128"]))
+        run.wait_log("Startup complete, waiting for shutdown signal")
+        assert topo.lab.fetch(topo.tnet, a4["ts"], source=a4["peer"]) == f"backend {a4['peer']}"
+
+        root.api.notify({"SelfChange": {"ID": 1, "StableID": "myID", "Name": "test-node.test.ts.net.",
+                                        "Addresses": [f"{a4['ts_new']}/32", f"{a6['ts_new']}/128"]}})
+        run.wait_log(f"firewall: 2 rules live in {backend} for {a4['ts_new']}, {a6['ts_new']}")
+        assert topo.lab.fetch(topo.tnet, a4["ts_new"], source=a4["peer"]) == f"backend {a4['peer']}"
+        assert topo.lab.fetch(topo.tnet, a4["ts"], source=a4["peer"]) is None
+
+        flush = ["nft", "flush", "ruleset"] if backend == "nftables" else ["iptables-legacy", "-t", "nat", "-F"]
+        topo.lab.run(topo.proxy, *flush)
+        flushed = time.monotonic()
+        assert topo.lab.fetch(topo.tnet, a4["ts_new"], source=a4["peer"], timeout=0.5) is None
+        back = wait_for(lambda: topo.lab.fetch(topo.tnet, a4["ts_new"], source=a4["peer"], timeout=0.5), 6.0)
+        assert back == f"backend {a4['peer']}" and time.monotonic() - flushed < 5.0
+        run.wait_contains("firewall: rules changed outside containerboot")
+        assert root.read("env") == f"TS_DEBUG_FIREWALL_MODE={backend}"
+    finally:
+        assert run.stop() == 0
+    assert topo.lab.fetch(topo.tnet, a4["ts_new"], source=a4["peer"]) is None, "rules left after shutdown"
+
+
+def test_detected_backend_is_handed_to_tailscaled(topo: Topology, root: Root) -> None:
+    topo.lab.run(topo.proxy, "iptables-legacy", "-t", "nat", "-A", "POSTROUTING", "-s", "198.18.9.9", "-j", "ACCEPT")
+    run = boot(topo, root, "auto", TS_DEST_IP=ADDR[4]["backend"])
+    try:
+        root.api.notify(netmap([f"{ADDR[4]['ts']}/32"]))
+        run.wait_log("Startup complete, waiting for shutdown signal")
+        assert root.read("env") == "TS_DEBUG_FIREWALL_MODE=iptables"
+        run.wait_contains("firewall iptables (legacy): ")
+        assert topo.lab.fetch(topo.tnet, ADDR[4]["ts"], source=ADDR[4]["peer"]) == f"backend {ADDR[4]['peer']}"
+    finally:
+        run.stop()
+
+
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_egress_by_magicdns_name_follows_the_peer(topo: Topology, root: Root, backend: str) -> None:
+    topo.lab.addr(topo.tnet, "eth0", "100.64.0.8/10")
+    topo.lab.serve(topo.tnet, "moved", "100.64.0.8")
+    run = boot(topo, root, backend, TS_TAILNET_TARGET_FQDN="db.test.ts.net")
+    try:
+        root.api.notify(netmap(["100.64.0.1/32"], peers=[peer(7, "db.test.ts.net.", "100.64.0.7")]))
+        run.wait_log("Installing forwarding rules for destination 100.64.0.7")
+        assert topo.lab.fetch(topo.pod, "198.18.1.1") == "target 100.64.0.1"
+        root.api.notify({"PeersChanged": [peer(7, "db.test.ts.net.", "100.64.0.8")]})
+        run.wait_log("Installing forwarding rules for destination 100.64.0.8")
+        assert wait_for(lambda: topo.lab.fetch(topo.pod, "198.18.1.1") == "moved 100.64.0.1", 3.0)
+    finally:
+        run.stop()
