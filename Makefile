@@ -1,8 +1,8 @@
 # Everything assumes scripts/install-deps.sh has run (.ci/run does it).
 PY := .venv/bin/python
 
-.PHONY: test unit lint bench
-test: lint
+.PHONY: test unit lint bench go demo
+test: lint go
 	CI=$${CI:-false} .venv/bin/pytest -q
 
 unit:
@@ -14,3 +14,6 @@ lint:
 
 bench:
 	$(PY) bench/bench_apply.py
+
+go:
+	scripts/build-go.sh >/dev/null

@@ -117,6 +117,11 @@ class Boot:
         if not self.detection.fake and not os.environ.get("TS_DEBUG_FIREWALL_MODE"):
             # tailscaled's own rules (ts-input, ts-forward, ...) land in the same backend as ours.
             env["TS_DEBUG_FIREWALL_MODE"] = self.detection.backend
+        if not self.detection.fake and self.detection.backend == "iptables":
+            shim = system.legacy_xtables_path(s)
+            if shim:
+                env["PATH"] = f"{shim}:{env.get('PATH', '')}"
+                log.info(f"tailscaled runs iptables as iptables-legacy (through {shim}), like our rules")
         return env
 
     def summary(self) -> str:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 
 from containerboot.settings import Settings
+from firewall.detect import iptables_version, variant_of
 
 FORWARDING = {4: "proc/sys/net/ipv4/ip_forward", 6: "proc/sys/net/ipv6/conf/all/forwarding"}
 DEFAULT_SOCKET = "/var/run/tailscale/tailscaled.sock"
@@ -79,3 +81,26 @@ def link_socket(s: Settings) -> str | None:
         return (f"[warning] failed to symlink socket: {exc}\n\tTo interact with the Tailscale CLI please use "
                 f'`tailscale --socket="{s.socket}"`')
     return None
+
+
+LEGACY_TOOLS = ("iptables", "ip6tables", "iptables-save", "ip6tables-save", "iptables-restore", "ip6tables-restore")
+
+
+def legacy_xtables_path(s: Settings) -> str | None:
+    """tailscaled in iptables mode runs the `iptables` on its PATH. Where that is iptables-nft, its rules
+    would land in nf_tables while ours are legacy: a directory of *-legacy links put first on its PATH
+    keeps both in one backend. None when PATH already gives legacy (or there is no iptables-legacy)."""
+    version = iptables_version()
+    if version is not None and variant_of(version) == "legacy":
+        return None
+    shim = s.root_path("run/containerboot/xtables-legacy")
+    os.makedirs(shim, exist_ok=True)
+    for tool in LEGACY_TOOLS:
+        target = shutil.which(tool.replace("tables", "tables-legacy", 1))
+        if target is None:
+            return None
+        link = os.path.join(shim, tool)
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(target, link)
+    return shim

@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server API
-        body = f"{self.server.name} {self.client_address[0]}\n".encode()  # type: ignore[attr-defined]
+        client = self.client_address[0].removeprefix("::ffff:")  # IPv4 on a dual-stack socket
+        body = f"{self.server.name} {client}\n".encode()  # type: ignore[attr-defined]
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
