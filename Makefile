@@ -17,3 +17,8 @@ bench:
 
 go:
 	scripts/build-go.sh >/dev/null
+
+demo:
+	scripts/install-deps.sh
+	scripts/build-go.sh >/dev/null
+	$(PY) scripts/demo.py

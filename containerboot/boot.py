@@ -12,7 +12,7 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from containerboot import health, ipn, log, proxy, serve, system, tailscaled
@@ -39,6 +39,7 @@ class Event:
     kind: str  # notify | bus-error | tailscaled-exit | signal
     value: Any = None
     watch: int = 0
+    at: float = field(default_factory=time.monotonic)  # when it arrived, for the "our share" figure
 
 
 def _state_store(s: Settings) -> str:
@@ -73,6 +74,7 @@ class Boot:
         self.dns_failures = 0
         self.next_drift = 0.0
         self.env: dict[str, str] = {}
+        self.netmap_at = 0.0
         self.started = False
 
     # ---- setup -------------------------------------------------------------------------------------
@@ -287,11 +289,10 @@ class Boot:
             if state and state != "Running":
                 raise Exit(1, f'tailscaled left running state (now in state "{state}"), exiting')
             if ipn.is_netmap(ev.value):
+                self.netmap_at = ev.at
                 self.node = ipn.update(self.node, ev.value)
-                if ev.value.get("SelfChange"):
-                    self.refresh_cert_domains()
                 if self.node.self_known:
-                    self.on_netmap()
+                    self.on_netmap(self_changed=bool(ev.value.get("SelfChange")))
 
     # ---- netmap processing ------------------------------------------------------------------------
 
@@ -369,15 +370,18 @@ class Boot:
         self.applied = plan
         self.next_drift = time.monotonic() + DRIFT_CHECK_SECONDS
         log.info(f"firewall: {len(plan.rules)} rules live in {self.detection.backend} for "
-                 f"{', '.join(map(str, self.node.addrs)) or 'no addresses'}")
+                 f"{', '.join(map(str, self.node.addrs)) or 'no addresses'}",
+                 ms_after_netmap=round((time.monotonic() - self.netmap_at) * 1000, 2))
 
-    def on_netmap(self) -> None:
+    def on_netmap(self, self_changed: bool = False) -> None:
         self.resolve_egress()
         self.resolve_backends(force=self.applied is None)
         if self.node.addrs:
             self.reconcile()
         self.health.set(bool(self.node.addrs))
         if self.serve:
+            if self_changed:  # cert domains ride with DNS config, which a SelfChange may have changed
+                self.refresh_cert_domains()
             self.poll_serve()
         if not self.started:
             self.started = True

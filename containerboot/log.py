@@ -22,7 +22,9 @@ def _text(_: Any, __: str, event: MutableMapping[str, Any]) -> str:
 
 
 def _json(_: Any, method: str, event: MutableMapping[str, Any]) -> str:
-    out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(event.pop("ts", time.time()))),
+    ts = event.pop("ts", time.time())
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts)) + f".{int(ts % 1 * 1000):03d}"
+    out = {"time": stamp + time.strftime("%z", time.localtime(ts)),
            "level": method if method != "msg" else "info", "msg": event.pop("event")}
     out.update({k: v if isinstance(v, (str, int, float, bool, type(None))) else str(v) for k, v in event.items()})
     return json.dumps(out)

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(iptables nftables python3-nftables python3-venv python3-dev iproute2 curl ca-certificates
-          socat procps)
+          socat procps openssl)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -22,8 +22,11 @@ site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purel
 ln -sfn /usr/lib/python3/dist-packages/nftables "$site/nftables"
 stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
 if [ ! -f "$stamp" ]; then
-  .venv/bin/pip install -q --upgrade pip wheel >/dev/null
-  .venv/bin/pip install -q -e '.[test]'
+  log=$(mktemp)
+  if ! { .venv/bin/pip install -q --upgrade pip wheel && .venv/bin/pip install -q -e '.[test]'; } >"$log" 2>&1; then
+    cat "$log"; exit 1
+  fi
+  rm -f "$log"
   touch "$stamp"
 fi
 .venv/bin/python -c 'import nftables, iptc, pyroute2, click, structlog' >/dev/null

@@ -110,15 +110,19 @@ class Lab:
             for stream in (proc.stdout, proc.stderr):
                 if stream:
                     stream.close()
+        # Processes that outlived their parent in a namespace are ours too: end them by pid, and wait for
+        # them to go, since a mount namespace they hold keeps namespace files busy.
+        def pids() -> list[int]:
+            return [int(p) for ns in self.namespaces for p in sh(IP, "netns", "pids", ns, check=False).stdout.split()]
+        for pid in pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        wait_until(lambda: not pids(), timeout=10)
         for ns in reversed(self.namespaces):
-            # Processes that outlived their parent in the namespace are ours too: end them by pid.
-            pids = sh(IP, "netns", "pids", ns, check=False).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-            sh(IP, "netns", "del", ns, check=False)
+            wait_until(lambda ns=ns: sh(IP, "netns", "del", ns, check=False).returncode == 0  # type: ignore[misc]
+                       or ns not in sh(IP, "netns", "list").stdout, timeout=5)
         self.namespaces.clear()
         self.procs.clear()
 

@@ -1,0 +1,146 @@
+"""Benchmark: this containerboot against upstream's Go containerboot (built from the same tailscale.com
+version by scripts/build-go.sh), in the same lab with the same environment, alternating runs.
+
+For each run: time from process start to ready (health 200 and the proxy's DNAT rule in the kernel),
+time from an address change (control re-addresses the node) to the rules for the new address being
+live, and the peak RSS of the containerboot process (tailscaled not included). For ours it also
+prints its own share: from the netmap arriving to the rules being live, as it logs it.
+Run as root: `make bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.lab.fakes import Run  # noqa: E402
+from tests.lab.netns import IP  # noqa: E402
+from tests.lab.tailnet import Tailnet, have_binaries  # noqa: E402
+
+# Runs inside the proxy namespace: prints the monotonic time at which some rule line holds all of `marks`
+# (a DNAT to the backend; after an address change, one for the new address) in either backend, and,
+# when asked, /healthz answers 200. Polls every 10 ms. (`iptables-legacy-save` without -t creates no table.)
+POLLER = r"""
+import subprocess, sys, time, urllib.request
+marks, need_health = sys.argv[1].split(","), sys.argv[2] == "1"
+def healthy():
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:9002/healthz", timeout=1) as r:
+            return r.status == 200
+    except Exception:
+        return False
+def rules():
+    for argv in (["nft", "list", "ruleset"], ["iptables-legacy-save"]):
+        out = subprocess.run(argv, capture_output=True, text=True).stdout
+        if any(all(m in line for m in marks) for line in out.splitlines()):
+            return True
+    return False
+deadline = time.monotonic() + 120
+while time.monotonic() < deadline:
+    if rules() and (not need_health or healthy()):
+        print(time.monotonic(), flush=True)
+        break
+    time.sleep(0.01)
+"""
+
+
+def poll(ns: str, marker: str, need_health: bool) -> subprocess.Popen[str]:
+    return subprocess.Popen([IP, "netns", "exec", ns, sys.executable, "-c", POLLER, marker, "1" if need_health else "0"],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def done_at(poller: subprocess.Popen[str]) -> float:
+    out, _ = poller.communicate(timeout=150)
+    if not out.strip():
+        raise RuntimeError("not ready within 120 s")
+    return float(out.split()[0])
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def one_run(net: Tailnet, impl: str, n: int) -> dict[str, float]:
+    ns, _ = net.site(f"b{n}", f"198.18.0.{n}", n)
+    backend = f"198.18.{n}.2"
+    env = net.containerboot_env(f"b{n}", TS_USERSPACE="false", TS_DEST_IP=backend, TS_ENABLE_HEALTH_CHECK="true",
+                                TS_LOCAL_ADDR_PORT="127.0.0.1:9002", TS_LOG_FORMAT="json")
+    exe = net.bins["containerboot-upstream"] if impl == "upstream" else str(ROOT / ".venv/bin/containerboot")
+    poller = poll(ns, backend, need_health=True)
+    start = time.monotonic()
+    run = Run(env, argv=net.private_run(ns, [exe]))
+    try:
+        ready = done_at(poller) - start
+        status = json.loads(subprocess.run([IP, "netns", "exec", ns, net.bins["tailscale"], f"--socket={env['TS_SOCKET']}",
+                                            "status", "--json"], capture_output=True, text=True, check=True).stdout)
+        old = next(a for a in status["Self"]["TailscaleIPs"] if "." in a)
+        new = f"100.64.1.{n}"
+        net.stop_control()
+        with sqlite3.connect(net.dir / "db.sqlite") as db:
+            db.execute("UPDATE nodes SET ipv4 = ? WHERE ipv4 = ?", (new, old))
+        poller = poll(ns, f"{new},{backend}", need_health=False)
+        net.start_control()
+        changed = time.monotonic()
+        moved = done_at(poller) - changed
+        rss = peak_rss_mib(run.proc.pid)
+    except Exception:
+        print(f"{impl} run failed; its output:\n" + run.output[-3000:], file=sys.stderr)
+        raise
+    finally:
+        run.stop()
+    out = {"ready": ready, "moved": moved, "rss": rss}
+    if impl == "ours":
+        shares = [json.loads(line).get("ms_after_netmap") for line in run.lines if '"ms_after_netmap"' in line]
+        out["share_ms"] = max(s for s in shares if s is not None)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    if not have_binaries():
+        sys.exit("tailscaled, tailscale, upstream containerboot and headscale are missing: run scripts/build-go.sh")
+    net = Tailnet()
+    results: dict[str, list[dict[str, float]]] = {"upstream": [], "ours": []}
+    try:
+        net.start_control()
+        n = 20
+        for _ in range(args.runs):
+            for impl in ("upstream", "ours"):
+                results[impl].append(one_run(net, impl, n))
+                n += 1
+    finally:
+        net.close()
+
+    def med(impl: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[impl])
+
+    print(f"proxy boot on a real tailnet (headscale + tailscaled in namespaces), median of {args.runs} runs each, "
+          "alternating")
+    print(f"{'':28} {'upstream (Go)':>14} {'ours (Python)':>14} {'ratio':>7}")
+    for key, label, unit in (("ready", "start -> ready (rules, 200)", "s"), ("moved", "address change -> rules", "s"),
+                             ("rss", "peak RSS, containerboot", "MiB")):
+        up, us = med("upstream", key), med("ours", key)
+        print(f"{label:28} {up:>12.2f}{unit:>2} {us:>12.2f}{unit:>2} {us / up:>7.2f}")
+    shares = [r["share_ms"] for r in results["ours"]]
+    print(f"ours: netmap -> rules live: median {statistics.median(shares):.1f} ms, max {max(shares):.1f} ms")
+    print(f"target {'met' if med('ours', 'ready') / med('upstream', 'ready') <= 1.0 else 'MISSED'}: "
+          f"readiness ratio ours/upstream <= 1.0 ({med('ours', 'ready') / med('upstream', 'ready'):.2f})")
+    print(f"target {'met' if max(shares) < 50 else 'MISSED'}: our share under 50 ms (max {max(shares):.1f} ms)")
+
+
+if __name__ == "__main__":
+    main()
