@@ -12,8 +12,9 @@ lint:
 	.venv/bin/ruff check .
 	.venv/bin/mypy
 
-bench:
+bench: go
 	$(PY) bench/bench_apply.py
+	$(PY) bench/bench_boot.py
 
 go:
 	scripts/build-go.sh >/dev/null

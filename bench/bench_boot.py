@@ -54,8 +54,8 @@ while time.monotonic() < deadline:
 
 
 def poll(ns: str, marker: str, need_health: bool) -> subprocess.Popen[str]:
-    return subprocess.Popen([IP, "netns", "exec", ns, sys.executable, "-c", POLLER, marker, "1" if need_health else "0"],
-                            stdout=subprocess.PIPE, text=True)
+    argv = [IP, "netns", "exec", ns, sys.executable, "-c", POLLER, marker, "1" if need_health else "0"]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
 
 
 def done_at(poller: subprocess.Popen[str]) -> float:
@@ -83,8 +83,8 @@ def one_run(net: Tailnet, impl: str, n: int) -> dict[str, float]:
     run = Run(env, argv=net.private_run(ns, [exe]))
     try:
         ready = done_at(poller) - start
-        status = json.loads(subprocess.run([IP, "netns", "exec", ns, net.bins["tailscale"], f"--socket={env['TS_SOCKET']}",
-                                            "status", "--json"], capture_output=True, text=True, check=True).stdout)
+        cli = [IP, "netns", "exec", ns, net.bins["tailscale"], f"--socket={env['TS_SOCKET']}", "status", "--json"]
+        status = json.loads(subprocess.run(cli, capture_output=True, text=True, check=True).stdout)
         old = next(a for a in status["Self"]["TailscaleIPs"] if "." in a)
         new = f"100.64.1.{n}"
         net.stop_control()
