@@ -4,10 +4,17 @@
 #   $CACHE/bin/headscale-$HEADSCALE_VERSION/headscale
 # Module downloads and the Go build cache live under $CACHE too, so a warm machine builds nothing.
 # Prints the two directories. CACHE defaults to /var/cache/containerboot (CONTAINERBOOT_CACHE overrides).
+# With --image it builds only tailscaled with the CLI linked in (build tag ts_include_cli; it acts as
+# `tailscale` when called by that name) into $CACHE/bin/tailscaled-cli-$TAILSCALE_VERSION, and prints that.
+# TAILSCALE_VERSION and HEADSCALE_VERSION in the environment override versions.env.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+want_ts=${TAILSCALE_VERSION:-}
+want_hs=${HEADSCALE_VERSION:-}
 # shellcheck source=/dev/null
 . ./versions.env
+TAILSCALE_VERSION=${want_ts:-$TAILSCALE_VERSION}
+HEADSCALE_VERSION=${want_hs:-$HEADSCALE_VERSION}
 CACHE=${CONTAINERBOOT_CACHE:-/var/cache/containerboot}
 export GOMODCACHE=$CACHE/go/mod GOCACHE=$CACHE/go/build GOTOOLCHAIN=local GOFLAGS=-mod=mod
 ts=$CACHE/bin/tailscale-$TAILSCALE_VERSION
@@ -37,6 +44,16 @@ MOD
     github.com/juanfont/headscale/cmd/headscale)
   rm -rf "$tmp"
 }
+
+if [ "${1:-}" = "--image" ]; then
+  image=$CACHE/bin/tailscaled-cli-$TAILSCALE_VERSION
+  if [ ! -x "$image/tailscaled" ]; then
+    mkdir -p "$image"
+    GOBIN=$image go install -tags ts_include_cli -ldflags "-s -w" "tailscale.com/cmd/tailscaled@$TAILSCALE_VERSION"
+  fi
+  echo "$image"
+  exit 0
+fi
 
 build_tailscale & t=$!
 build_headscale & h=$!
