@@ -211,7 +211,10 @@ class Boot:
             if self.child.proc.poll() is not None:
                 self.common(Event("tailscaled-exit", self.child.proc.returncode))
             raise Exit(1, problem)
-        self.servers = health.start(s, self.health, self.api)
+        try:
+            self.servers = health.start(s, self.health, self.api)
+        except OSError as exc:
+            raise Exit(1, f"failed to listen on the health/metrics address: {exc}") from exc
         if s.enable_forwarding_optimizations:
             try:
                 self.api.json("POST", "/localapi/v0/set-udp-gro-forwarding")
@@ -476,6 +479,9 @@ class Boot:
             code = exc.code
             if str(exc):
                 (log.error if code else log.info)(str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug must still stop tailscaled and say what happened
+            code = 1
+            log.error(f"unexpected error: {type(exc).__name__}: {exc}")
         self.shutdown(clean=code == 0)
         return code
 

@@ -55,8 +55,8 @@ def have_binaries() -> bool:
 
 
 HEADSCALE_CONFIG = """
-server_url: {control}
-listen_addr: 198.18.0.2:443
+server_url: https://{ip}
+listen_addr: {ip}:443
 metrics_listen_addr: 127.0.0.1:9090
 grpc_listen_addr: 127.0.0.1:50443
 grpc_allow_insecure: false
@@ -73,10 +73,10 @@ derp:
     region_code: lab
     region_name: Lab DERP (embedded in headscale)
     verify_clients: true
-    stun_listen_addr: 198.18.0.2:3478
+    stun_listen_addr: {ip}:3478
     private_key_path: {d}/derp_server_private.key
     automatically_add_embedded_derp_region: true
-    ipv4: 198.18.0.2
+    ipv4: {ip}
   urls: []
   paths: []
   auto_update_enabled: false
@@ -108,6 +108,17 @@ logtail:
 taildrop:
   enabled: false
 """
+
+
+def write_control_files(d: Path, ip: str, paths_in: str | None = None) -> None:
+    """headscale's config and a self-signed certificate for `ip` in `d`; `paths_in` is where `d` will be
+    seen by headscale (a container's mount point), if not `d` itself."""
+    (d / "headscale.yaml").write_text(HEADSCALE_CONFIG.format(ip=ip, d=paths_in or d))
+    if not (d / "control.crt").exists():
+        # Self-signed for the control address; every node trusts it through SSL_CERT_FILE.
+        sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+           "-days", "3", "-subj", "/CN=containerboot lab control", "-addext", f"subjectAltName=IP:{ip}",
+           "-keyout", str(d / "control.key"), "-out", str(d / "control.crt"))
 
 
 @dataclass
@@ -156,13 +167,8 @@ class Tailnet:
     # ---- control ------------------------------------------------------------------------------------
 
     def start_control(self) -> None:
+        write_control_files(self.dir, "198.18.0.2")
         cfg = self.dir / "headscale.yaml"
-        cfg.write_text(HEADSCALE_CONFIG.format(control=CONTROL, d=self.dir))
-        if not (self.dir / "control.crt").exists():
-            # Self-signed for the control address; every node trusts it through SSL_CERT_FILE.
-            sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-               "-days", "3", "-subj", "/CN=containerboot lab control", "-addext", "subjectAltName=IP:198.18.0.2",
-               "-keyout", str(self.dir / "control.key"), "-out", str(self.dir / "control.crt"))
         log = open(self.dir / "headscale.log", "w")  # noqa: SIM115 - closed with the process
         self.headscale = self.lab.spawn(self.hs, [self.bins["headscale"], "serve", "-c", str(cfg)],
                                         stdout=log, stderr=subprocess.STDOUT)

@@ -329,3 +329,15 @@ def _child_pid(parent: int, comm_prefix: str) -> int | None:
         if ppid == parent and comm_prefix.encode() in cmdline:
             return int(pid)
     return None
+
+
+def test_busy_health_port_is_a_clear_error(root: Root, start: Callable[..., Run]) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = start(TS_ENABLE_HEALTH_CHECK="true", TS_LOCAL_ADDR_PORT=f"127.0.0.1:{port}")
+        assert run.wait_exit() == 1
+    run.wait_contains("failed to listen on the health/metrics address: [Errno 98] Address already in use")
