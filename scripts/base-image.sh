@@ -32,8 +32,11 @@ deb $MIRROR bookworm main
 deb $MIRROR bookworm-updates main
 deb http://deb.debian.org/debian-security bookworm-security main
 SRC
+  # debootstrap unpacks its first packages without dpkg, so the excludes above missed those: apply them.
+  find "$root/usr/share/doc" -mindepth 1 -not -name copyright -not -type d -delete
+  find "$root/usr/share/doc" -mindepth 1 -type d -empty -delete
   rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb \
-         "$root"/usr/share/doc/*/changelog* "$root"/usr/share/man/* "$root"/usr/share/locale/*
+         "$root"/usr/share/man/* "$root"/usr/share/info/* "$root"/usr/share/locale/* "$root"/var/log/*
   mkdir -p "$(dirname "$tarball")"
   tar -C "$root" --numeric-owner -cf "$tarball.tmp" .
   mv "$tarball.tmp" "$tarball"

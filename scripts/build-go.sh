@@ -4,8 +4,8 @@
 #   $CACHE/bin/headscale-$HEADSCALE_VERSION/headscale
 # Module downloads and the Go build cache live under $CACHE too, so a warm machine builds nothing.
 # Prints the two directories. CACHE defaults to /var/cache/containerboot (CONTAINERBOOT_CACHE overrides).
-# With --image it builds only tailscaled with the CLI linked in (build tag ts_include_cli; it acts as
-# `tailscale` when called by that name) into $CACHE/bin/tailscaled-cli-$TAILSCALE_VERSION, and prints that.
+# With --image it builds only the image's tailscaled (the CLI linked in: it acts as `tailscale` when called
+# by that name; see IMAGE_TAGS) into $CACHE/bin/tailscaled-image-..., and prints that directory.
 # TAILSCALE_VERSION and HEADSCALE_VERSION in the environment override versions.env.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,11 +45,18 @@ MOD
   rm -rf "$tmp"
 }
 
+# The image's tailscaled: the CLI linked in (ts_include_cli) and, left out, only what a Linux container
+# cannot use (desktop integrations, appliances, Wake-on-LAN, layer 2, BGP, self-update, shell completion).
+IMAGE_TAGS=ts_include_cli,ts_omit_systray,ts_omit_dbus,ts_omit_networkmanager,ts_omit_synology
+IMAGE_TAGS+=,ts_omit_flashappliance,ts_omit_serviceclientprefs,ts_omit_tpm,ts_omit_wakeonlan,ts_omit_tap
+IMAGE_TAGS+=,ts_omit_bird,ts_omit_captiveportal,ts_omit_completion,ts_omit_qrcodes,ts_omit_clientupdate
+IMAGE_TAGS+=,ts_omit_webbrowser,ts_omit_colorable,ts_omit_debugeventbus,ts_omit_syspolicy
+
 if [ "${1:-}" = "--image" ]; then
-  image=$CACHE/bin/tailscaled-cli-$TAILSCALE_VERSION
+  image=$CACHE/bin/tailscaled-image-$TAILSCALE_VERSION-$(echo "$IMAGE_TAGS" | sha1sum | cut -c1-8)
   if [ ! -x "$image/tailscaled" ]; then
     mkdir -p "$image"
-    GOBIN=$image go install -tags ts_include_cli -ldflags "-s -w" "tailscale.com/cmd/tailscaled@$TAILSCALE_VERSION"
+    GOBIN=$image go install -tags "$IMAGE_TAGS" -ldflags "-s -w" "tailscale.com/cmd/tailscaled@$TAILSCALE_VERSION"
   fi
   echo "$image"
   exit 0
