@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import containerboot_exe, need, need_root
-from tests.lab.fakes import Run, wait_for
+from tests.lab.fakes import Run, child_pid, wait_for
 from tests.lab.tailnet import Node, Tailnet, have_binaries, tailscale_ip
 
 pytestmark = pytest.mark.e2e
@@ -245,10 +245,7 @@ def test_sigterm_exits_0_quickly(net: Tailnet, boot: Callable[..., Booted]) -> N
 def test_tailscaled_sigkill_exits_nonzero(net: Tailnet, boot: Callable[..., Booted]) -> None:
     ns, _, n = site(net, "kill")
     proxy = boot(ns, f"kill{n}", TS_USERSPACE="false")
-    pid = proxy.run.proc.pid
-    child = int(wait_for(lambda: next((int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == pid
-                                       and b"tailscaled" in _cmdline(p)), None)))
-    os.kill(child, signal.SIGKILL)
+    os.kill(child_pid(proxy.run.proc.pid, "tailscaled"), signal.SIGKILL)
     assert proxy.run.wait_exit(10) == 128 + signal.SIGKILL
     proxy.run.wait_contains("tailscaled exited unexpectedly (killed by SIGKILL)")
 
@@ -266,17 +263,3 @@ def test_restart_with_state_dir_keeps_the_node(net: Tailnet, boot: Callable[...,
     assert second.ip() == ip and second.status()["Self"]["ID"] == node_id  # type: ignore[index]
     assert len(net.nodes_json()) == before + 1
     assert "--authkey" not in second.run.output
-
-
-def _ppid(pid: str) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1
-
-
-def _cmdline(pid: str) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""

@@ -7,12 +7,15 @@ server on `<root>/tmp/tailscaled.sock.fake` that streams the notifications a tes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
+import shutil
 import socket
 import socketserver
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -282,11 +285,36 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def children_named(name: str) -> Iterator[int]:
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                if Path(f"/proc/{pid}/comm").read_text().strip() == name:
-                    yield int(pid)
-            except OSError:
-                continue
+@contextlib.contextmanager
+def temp_root() -> Iterator[Root]:
+    """A Root in a short directory (unix socket paths are limited to 108 bytes), removed afterwards."""
+    d = Path(tempfile.mkdtemp(prefix="cb", dir="/tmp"))
+    root = Root(d)
+    try:
+        yield root
+    finally:
+        root.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _ppid(pid: str) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def child_pid(parent: int, name: str, timeout: float = 5.0) -> int:
+    """The pid of `parent`'s child whose command line mentions `name` (waits for it to appear)."""
+    def find() -> int | None:
+        for pid in os.listdir("/proc"):
+            if pid.isdigit() and _ppid(pid) == parent:
+                try:
+                    if name.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        return int(pid)
+                except OSError:
+                    continue
+        return None
+    found = wait_for(find, timeout)
+    assert found, f"no child of {parent} named {name}"
+    return int(found)

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import containerboot_exe
-from tests.lab.fakes import SECRET, Root, Run, free_port, netmap, peer, state, wait_for
+from tests.lab.fakes import SECRET, Root, Run, child_pid, free_port, netmap, peer, state, temp_root, wait_for
 
 SOCK = "--socket=/tmp/tailscaled.sock"
 TAILSCALED = f"/usr/bin/tailscaled {SOCK} --state=mem: --statedir=/tmp --tun=userspace-networking"
@@ -25,13 +22,8 @@ UP = f"/usr/bin/tailscale {SOCK} up --accept-dns=false"
 
 @pytest.fixture
 def root() -> Iterator[Root]:
-    d = Path(tempfile.mkdtemp(prefix="cb", dir="/tmp"))  # short: unix socket paths are limited to 108 bytes
-    r = Root(d)
-    try:
+    with temp_root() as r:
         yield r
-    finally:
-        r.close()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
@@ -310,25 +302,9 @@ def test_tailscaled_killed_gives_nonzero_exit(root: Root, start: Callable[..., R
     root.api.notify(netmap(["100.64.0.1/32"]))
     run = start()
     run.wait_log("Startup complete, waiting for shutdown signal")
-    pid = int(wait_for(lambda: _child_pid(run.proc.pid, "tailscaled")))
-    os.kill(pid, signal.SIGKILL)
+    os.kill(child_pid(run.proc.pid, "tailscaled"), signal.SIGKILL)
     assert run.wait_exit() == 128 + signal.SIGKILL
     run.wait_contains("tailscaled exited unexpectedly (killed by SIGKILL); exiting so that the container is restarted")
-
-
-def _child_pid(parent: int, comm_prefix: str) -> int | None:
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == parent and comm_prefix.encode() in cmdline:
-            return int(pid)
-    return None
 
 
 def test_busy_health_port_is_a_clear_error(root: Root, start: Callable[..., Run]) -> None:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import need
-from tests.lab.fakes import SECRET, Root, Run, netmap, wait_for
+from tests.lab.fakes import SECRET, Root, Run, child_pid, netmap, temp_root, wait_for
 
 SLOW_FAILING_CLI = """#!/usr/bin/env bash
 echo "$0 $@" >> "$TS_TEST_RECORD_ARGS"
@@ -30,13 +29,8 @@ exit 3
 @pytest.fixture
 def root() -> Iterator[Root]:
     need(os.geteuid() == 0 and shutil.which("unshare") is not None, "needs root and unshare for a PID namespace")
-    d = Path(tempfile.mkdtemp(prefix="cb", dir="/tmp"))
-    r = Root(d)
-    try:
+    with temp_root() as r:
         yield r
-    finally:
-        r.close()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def as_pid1(root: Root, **env: str) -> Run:
@@ -85,26 +79,8 @@ def test_sigkill_of_tailscaled_under_pid1_exits_nonzero(root: Root) -> None:
     run = as_pid1(root)
     try:
         run.wait_log("Startup complete, waiting for shutdown signal")
-        init = pid1_of(run)
-        tailscaled = int(wait_for(lambda: next(
-            (int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == init
-             and b"tailscaled" in _cmdline(p)), None)))
-        os.kill(tailscaled, signal.SIGKILL)
+        os.kill(child_pid(pid1_of(run), "tailscaled"), signal.SIGKILL)
         assert run.wait_exit(15) == 128 + signal.SIGKILL
         run.wait_contains("tailscaled exited unexpectedly (killed by SIGKILL)")
     finally:
         run.stop()
-
-
-def _ppid(pid: str) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1
-
-
-def _cmdline(pid: str) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""

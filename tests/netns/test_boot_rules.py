@@ -3,16 +3,13 @@ them with the node's address, puts them back after a flush, and follows an egres
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import need_root
-from tests.lab.fakes import Root, Run, netmap, peer, wait_for
+from tests.lab.fakes import Root, Run, netmap, peer, temp_root, wait_for
 from tests.lab.netns import IP, Lab
 from tests.netns.test_drivers import ADDR, Topology
 
@@ -31,15 +28,10 @@ def topo() -> Iterator[Topology]:
 
 @pytest.fixture
 def root() -> Iterator[Root]:
-    d = Path(tempfile.mkdtemp(prefix="cb", dir="/tmp"))
-    r = Root(d)
-    for fake in ("iptables", "ip6tables", "nft"):  # the real ones program the kernel here
-        (d / "usr/bin" / fake).unlink()
-    try:
+    with temp_root() as r:
+        for fake in ("iptables", "ip6tables", "nft"):  # the real ones program the kernel here
+            (r.d / "usr/bin" / fake).unlink()
         yield r
-    finally:
-        r.close()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def boot(topo: Topology, root: Root, backend: str, **env: str) -> Run:
