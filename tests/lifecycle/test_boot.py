@@ -317,3 +317,22 @@ def test_busy_health_port_is_a_clear_error(root: Root, start: Callable[..., Run]
         run = start(TS_ENABLE_HEALTH_CHECK="true", TS_LOCAL_ADDR_PORT=f"127.0.0.1:{port}")
         assert run.wait_exit() == 1
     run.wait_contains("failed to listen on the health/metrics address: [Errno 98] Address already in use")
+
+
+def test_dest_dns_name_is_resolved_and_a_failure_is_retried(root: Root, start: Callable[..., Run]) -> None:
+    from containerboot.dns import lookup
+
+    addrs = lookup("localhost")  # what this machine's resolver says (/etc/hosts may or may not map ::1)
+    root.api.notify(netmap(["100.64.0.1/32", "fd7a:115c:a1e0::1/128"]))
+    run = start(TS_USERSPACE="false", TS_EXPERIMENTAL_DEST_DNS_NAME="localhost")
+    run.wait_log(f"localhost resolves to {', '.join(map(str, addrs))}")
+    run.wait_log("Installing proxy rules")
+    rules = 2 * len({a.version for a in addrs})  # a DNAT and an MSS clamp per family
+    run.wait_log(f"firewall: {rules} rules live in iptables for 100.64.0.1, fd7a:115c:a1e0::1")
+    run.stop()
+    bad = start(TS_USERSPACE="false", TS_EXPERIMENTAL_DEST_DNS_NAME="no-such-name.invalid",
+                TS_TEST_RECORD_ARGS=str(root.d / "args2"))
+    bad.wait_contains("[unexpected] error resolving DNS name no-such-name.invalid")
+    bad.wait_contains("next DNS resolution attempt in 1s")
+    bad.wait_contains("next DNS resolution attempt in 2s", timeout=8)
+    assert bad.proc.poll() is None, "an unresolvable name must not end the program"
