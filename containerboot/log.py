@@ -43,10 +43,6 @@ def setup(fmt: str = "text", stream: TextIO | None = None) -> None:
     )
 
 
-def get() -> Any:
-    return structlog.get_logger()
-
-
 def info(message: str, **fields: Any) -> None:
     structlog.get_logger().info(message, **fields)
 

@@ -310,10 +310,6 @@ class Settings:
             return "egress"
         return "sidecar"
 
-    @property
-    def health_enabled(self) -> bool:
-        return self.enable_health_check or bool(self.healthcheck_addr_port)
-
     def root_path(self, path: str) -> str:
         return posixpath.normpath(posixpath.join(self.root, path.lstrip("/")))
 

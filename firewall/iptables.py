@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from firewall.detect import KUBE_HINTS
 from firewall.model import (
     Dnat,
     DnatNonTailnet,
@@ -38,7 +39,6 @@ PRE, POST, FWD = "CONTAINERBOOT-PREROUTING", "CONTAINERBOOT-POSTROUTING", "CONTA
 CHAINS = {PRE: ("nat", "PREROUTING"), POST: ("nat", "POSTROUTING"), FWD: ("mangle", "FORWARD")}
 PROBE = "CONTAINERBOOT-PROBE"
 NAMES_FILE = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
-KUBE_HINTS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
 
 Params = tuple[tuple[str, tuple[str, ...]], ...]
 
@@ -401,6 +401,3 @@ class IptablesDriver:
 
     def probe(self, fam: int) -> None:
         in_child(lambda: _probe(fam))
-
-    def dump(self, plan: Plan) -> str:
-        return "\n".join(str(s) for fam in (4, 6) for s in render(plan, fam))

@@ -1,10 +1,7 @@
 #!/usr/bin/env bash
-# Makes sure a Docker engine answers on /var/run/docker.sock: installs Debian's docker.io if needed and
-# starts dockerd when none is running. Its bridge and default networks use 198.19.0.0/16 (the lab range).
+# Makes sure a Docker engine answers on /var/run/docker.sock, starting Debian's dockerd (installed by
+# install-deps.sh) when none is running. Its bridge and default networks use 198.19.0.0/16 (the lab range).
 set -euo pipefail
-if ! command -v dockerd >/dev/null 2>&1; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker.io >/dev/null
-fi
 if docker info >/dev/null 2>&1; then
   exit 0
 fi

@@ -19,7 +19,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,6 @@ from tests.lab.netns import IP, Lab, sh, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTROL = "https://198.18.0.2"
-LAN = "198.18.0.0/24"
 
 
 def pinned() -> dict[str, str]:
@@ -285,8 +283,3 @@ def tailscale_ip(status: dict[str, Any], fam: int = 4) -> str:
     return next(a for a in status["Self"]["TailscaleIPs"] if (":" in a) == (fam == 6))
 
 
-def elapsed_since(start: float) -> float:
-    return time.monotonic() - start
-
-
-__all__ = ["Tailnet", "Node", "binaries", "have_binaries", "tailscale_ip", "CONTROL", "LAN", "sh"]
