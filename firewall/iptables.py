@@ -15,10 +15,12 @@ per family, that reports back through a pipe; this process itself only imports t
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import ipaddress
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -273,8 +275,30 @@ def _jumps(chain: Any, target: str) -> list[Any]:
     return [r for r in chain.rules if r.target and r.target.name == target]
 
 
+@contextlib.contextmanager
+def xtables_lock() -> Iterator[None]:
+    """The lock the iptables tools take with --wait (tailscaled's do), so that our read-modify-commit
+    of a table and theirs do not interleave. libiptc itself takes none."""
+    path = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError:
+        yield  # no writable /run: nothing else can be holding it either
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _write(fam: int, wanted: list[dict[str, Any]]) -> None:
     """Child: make the owned chains hold exactly `wanted` (or remove them all when it is empty)."""
+    with xtables_lock():
+        _write_locked(fam, wanted)
+
+
+def _write_locked(fam: int, wanted: list[dict[str, Any]]) -> None:
     want = [Spec.from_json(w) for w in wanted]
     table_cls, rule_cls, chain_cls = _iptc(fam, ("nat", "mangle") if want else ())
     rules = [(s.chain, _build(rule_cls, s)) for s in want]  # parse everything before touching the kernel
@@ -334,6 +358,11 @@ def _read(fam: int) -> list[dict[str, Any]]:
 
 def _probe(fam: int) -> None:
     """Child: create and delete an owned chain in `nat` (fails without ip_tables NAT)."""
+    with xtables_lock():
+        _probe_locked(fam)
+
+
+def _probe_locked(fam: int) -> None:
     table_cls, _, _ = _iptc(fam, ("nat",))
     table = table_cls("nat")
     table.autocommit = False
