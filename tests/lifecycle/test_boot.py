@@ -289,12 +289,14 @@ def test_log_shape_and_json(root: Root, start: Callable[..., Run]) -> None:
 # ---- exits and signals -------------------------------------------------------------------------------
 
 
-def test_sigterm_exits_0(root: Root, start: Callable[..., Run]) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_sigint_exits_0(root: Root, start: Callable[..., Run], sig: signal.Signals) -> None:
     root.api.notify(netmap(["100.64.0.1/32"]))
     run = start()
     run.wait_log("Startup complete, waiting for shutdown signal")
-    run.proc.send_signal(signal.SIGTERM)
+    run.proc.send_signal(sig)
     assert run.wait_exit() == 0
+    run.wait_log(f"Received {sig.name}, shutting down")
     run.wait_log("Sending SIGTERM to tailscaled")
 
 
