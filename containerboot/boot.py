@@ -75,6 +75,7 @@ class Boot:
         self.next_drift = 0.0
         self.env: dict[str, str] = {}
         self.netmap_at = 0.0
+        self.stop_requested = 0  # the signal that asked us to stop, seen by blocking CLI calls
         self.started = False
 
     # ---- setup -------------------------------------------------------------------------------------
@@ -140,6 +141,7 @@ class Boot:
     # ---- events ------------------------------------------------------------------------------------
 
     def on_signal(self, signum: int, _frame: Any) -> None:
+        self.stop_requested = signum
         self.events.put(Event("signal", signum))
 
     def on_tailscaled_exit(self, code: int) -> None:
@@ -232,7 +234,7 @@ class Boot:
         self.close_watch()
         if s.auth_once and not s.config_file:
             log.info("Running 'tailscale set'")
-            problem = tailscaled.run_cli(tailscaled.set_argv(s), timeout=60)
+            problem = tailscaled.run_cli(tailscaled.set_argv(s), timeout=60, stop=lambda: bool(self.stop_requested))
             if problem:
                 raise Exit(1, f"failed to auth tailscale: tailscale set failed: {problem}")
         if s.serve_config:
@@ -245,7 +247,10 @@ class Boot:
 
     def login(self, deadline: float) -> None:
         log.info("Running 'tailscale up'")
-        problem = tailscaled.run_cli(tailscaled.up_argv(self.s), timeout=max(0.1, deadline - time.monotonic()))
+        problem = tailscaled.run_cli(tailscaled.up_argv(self.s), timeout=max(0.1, deadline - time.monotonic()),
+                                     stop=lambda: bool(self.stop_requested))
+        if self.stop_requested:
+            self.common(Event("signal", self.stop_requested))
         if problem:
             raise Exit(1, f"failed to auth tailscale: tailscale up failed: {problem}")
 

@@ -72,14 +72,23 @@ def find(name: str) -> str:
     return shutil.which(name) or name
 
 
-def run_cli(argv: list[str], timeout: float | None) -> str | None:
-    """Run a tailscale CLI command; None on success, else what went wrong (Go's wording)."""
+def run_cli(argv: list[str], timeout: float | None, stop: Callable[[], bool] = lambda: False) -> str | None:
+    """Run a tailscale CLI command; None on success, else what went wrong (Go's wording). `stop` is
+    polled so that a shutdown signal does not wait for a login that may block until the timeout."""
     try:
-        proc = subprocess.run([find(argv[0]), *argv[1:]], timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return "signal: killed (boot timeout)"
+        proc = subprocess.Popen([find(argv[0]), *argv[1:]])
     except OSError as exc:
         return str(exc)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while proc.poll() is None:
+        if stop() or (deadline is not None and time.monotonic() >= deadline):
+            proc.kill()
+            proc.wait()
+            return "interrupted by a shutdown signal" if stop() else "signal: killed (boot timeout)"
+        try:
+            proc.wait(0.1)
+        except subprocess.TimeoutExpired:
+            pass
     if proc.returncode == 0:
         return None
     if proc.returncode < 0:

@@ -338,3 +338,16 @@ def test_dest_dns_name_is_resolved_and_a_failure_is_retried(root: Root, start: C
     bad.wait_contains("next DNS resolution attempt in 1s")
     bad.wait_contains("next DNS resolution attempt in 2s", timeout=8)
     assert bad.proc.poll() is None, "an unresolvable name must not end the program"
+
+
+def test_sigterm_during_a_blocked_login_exits_0_promptly(root: Root, start: Callable[..., Run]) -> None:
+    # `tailscale up` blocks while control is unreachable; a container runtime's SIGTERM must not wait for it.
+    root.write("usr/bin/tailscale", '#!/usr/bin/env bash\necho "$0 $@" >> "$TS_TEST_RECORD_ARGS"\nexec sleep 60\n')
+    run = start(TS_AUTHKEY=SECRET)
+    run.wait_log("Running 'tailscale up'")
+    import time
+
+    sent = time.monotonic()
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait_exit(10) == 0 and time.monotonic() - sent < 3
+    run.wait_log("Received SIGTERM, shutting down")
