@@ -196,8 +196,12 @@ def detect(env: Mapping[str, str], probes: Probes | None = None, fake: bool = Fa
         try:
             probes.run_probe(other, 4)
         except FirewallError as second:
+            hint = ""
+            if any(w in f"{first} {second}" for w in ("Operation not permitted", "Permission denied")):
+                hint = ("; this needs the NET_ADMIN capability (docker run --cap-add NET_ADMIN; Compose cap_add: "
+                        "[NET_ADMIN]; Kubernetes securityContext.capabilities.add: [NET_ADMIN]), or TS_USERSPACE=true")
             raise DetectionError(f"no usable netfilter backend: {VARIANT[choice]} NAT probe failed: {first}; "
-                                 f"{VARIANT[other]} NAT probe failed: {second}") from second
+                                 f"{VARIANT[other]} NAT probe failed: {second}{hint}") from second
         evidence.append(f"{VARIANT[choice]} NAT probe failed ({first}); {VARIANT[other]} NAT probe passed")
         choice = other
 

@@ -167,3 +167,13 @@ def test_reports_the_libnftables_path(lab: Lab, tmp_path: Path) -> None:
     doc = json.loads(out)
     assert rc == 0 and doc["backend"] == "nftables" and doc["nft_path"] == "cli"
     assert any("binding unavailable" in e and "nft -j CLI" in e for e in doc["evidence"]), doc
+
+
+def test_missing_net_admin_names_the_fix(lab: Lab, tmp_path: Path) -> None:
+    ns = lab.ns("c")
+    drop = ["setpriv", "--bounding-set", "-net_admin,-net_raw", "--inh-caps", "-net_admin,-net_raw"]
+    proc = lab.run(ns, *drop, containerboot_exe(), "detect", check=False,
+                   env={"PATH": f"{iptables_dir(tmp_path, 'nft')}:/usr/sbin:/usr/bin:/sbin:/bin"})
+    assert proc.returncode == 1
+    last = (proc.stdout + proc.stderr).strip().splitlines()[-1]
+    assert "no usable netfilter backend" in last and "--cap-add NET_ADMIN" in last and "TS_USERSPACE=true" in last
