@@ -12,7 +12,7 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from containerboot import health, ipn, log, proxy, serve, system, tailscaled
@@ -312,8 +312,6 @@ class Boot:
             return
         domains = cfg.get("CertDomains") if isinstance(cfg, dict) else None
         if isinstance(domains, list):
-            from dataclasses import replace
-
             self.node = replace(self.node, cert_domains=tuple(str(d) for d in domains))
 
     def resolve_egress(self) -> None:

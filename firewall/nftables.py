@@ -360,16 +360,14 @@ class NftablesDriver:
         self._generation: int | None = None
         self._gen = Generation()
 
-    def _tables(self) -> set[int]:
-        objs = self.nft.run([{"list": {"tables": {}}}])
-        return {fam for fam, name in FAMILY.items()
-                for o in objs if o.get("table", {}).get("family") == name and o["table"].get("name") == TABLE}
-
     def _read(self, fam: int, terse: bool) -> Listing | None:
+        """The family's table as listed, or None when it does not exist (other failures raise)."""
         try:
             objs = self.nft.run([{"list": {"table": {"family": FAMILY[fam], "name": TABLE}}}], terse=terse)
-        except FirewallError:
-            return None
+        except FirewallError as exc:
+            if "No such file or directory" in str(exc):
+                return None
+            raise
         return parse_table(fam, objs)
 
     def _intact(self, fam: int, have: Plan) -> bool:
@@ -419,7 +417,7 @@ class NftablesDriver:
 
     def installed(self) -> Plan:
         rules: set[Rule] = set()
-        for fam in self._tables() & set(self.families):
+        for fam in self.families:
             read = self._read(fam, terse=False)
             if read:
                 rules |= read.rules
