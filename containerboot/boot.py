@@ -7,6 +7,7 @@ events one at a time. Decisions about rules are the pure `proxy.plan`; this modu
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -15,7 +16,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from containerboot import health, ipn, log, proxy, serve, system, tailscaled
+from containerboot import configdir, health, ipn, kube, log, proxy, serve, system, tailscaled
 from containerboot.dns import ResolveError, lookup
 from containerboot.localapi import BusWatch, LocalAPI, LocalAPIError
 from containerboot.settings import Settings
@@ -24,6 +25,11 @@ from firewall.model import FirewallError, IPAddress, Plan
 DRIFT_CHECK_SECONDS = 2.0
 DNS_REFRESH_SECONDS = 600.0
 SHUTDOWN_TIMEOUT = 25.0
+REISSUE_WAIT = 600.0  # how long a proxy whose key was refused waits for the operator's new one
+REISSUE_POLL = 5.0
+BUS_MAX_BACKOFF = 30.0
+BUS_MAX_DIAL_FAILURE = 60.0  # a watch that cannot be reopened for this long means tailscaled is gone
+LOGIN_STATE_WARNING = "login-state"  # health.LoginStateWarnable's code
 
 
 class Exit(Exception):
@@ -36,10 +42,20 @@ class Exit(Exception):
 
 @dataclass
 class Event:
-    kind: str  # notify | bus-error | tailscaled-exit | signal
+    kind: str  # notify | bus-error | tailscaled-exit | signal | config-changed
     value: Any = None
     watch: int = 0
     at: float = field(default_factory=time.monotonic)  # when it arrived, for the "our share" figure
+
+
+def go_duration(seconds: float) -> str:
+    """Seconds as Go's time.Duration prints a whole number of them: 0s, 45s, 1m5s, 1h0m0s."""
+    total = int(seconds)
+    h, rest = divmod(total, 3600)
+    m, sec = divmod(rest, 60)
+    if h:
+        return f"{h}h{m}m{sec}s"
+    return f"{m}m{sec}s" if m else f"{sec}s"
 
 
 def _state_store(s: Settings) -> str:
@@ -77,6 +93,19 @@ class Boot:
         self.netmap_at = 0.0
         self.stop_requested = 0  # the signal that asked us to stop, seen by blocking CLI calls
         self.started = False
+        # Kubernetes state Secret: usable only in Kubernetes with patch rights (upstream's hasKubeStateStore).
+        self.kube: kube.SecretStore | None = None
+        self.stored_id: str | None = None
+        self.stored_endpoints: tuple[str, tuple[IPAddress, ...]] | None = None
+        self.config_authkey = configdir.authkey(s.config_file) if s.config_file else ""
+        self.config_watch: configdir.DirWatch | None = None
+        self.config_bytes: bytes | None = None
+        # IPN bus reconnection (upstream's reconnectingIPNBusWatcher).
+        self.watch_mask = ipn.WATCH_MASK
+        self.watch_opened = 0.0
+        self.reconnect_at: float | None = None
+        self.bus_backoff = 0.0
+        self.dial_failing_since: float | None = None
 
     # ---- setup -------------------------------------------------------------------------------------
 
@@ -138,6 +167,200 @@ class Boot:
         url = health.health_url(s) or "disabled (set TS_ENABLE_HEALTH_CHECK=true)"
         return f"Configuration: mode {s.mode}; firewall {firewall}; state {_state_store(s)}; health {url}"
 
+    # ---- Kubernetes state Secret --------------------------------------------------------------------
+
+    @property
+    def kube_store(self) -> kube.SecretStore | None:
+        """The state Secret when containerboot may write to it: in Kubernetes with patch rights."""
+        k = self.kube
+        return k if k is not None and k.can_patch and self.s.in_kubernetes else None
+
+    def setup_kube(self) -> None:
+        """Upstream's newKubeClient + setupKube + resetContainerbootState, with its messages."""
+        s = self.s
+        if not s.kube_secret:
+            return
+        try:
+            host, port = kube.server_address(s, os.environ)
+            client = kube.Client(s.root_path(kube.SA_DIR), host, port, stop=lambda: bool(self.stop_requested))
+        except kube.KubeError as exc:
+            raise Exit(1, f"error initializing kube client: {exc}") from exc
+        store = kube.SecretStore(client, s.kube_secret)
+        try:
+            store.check_permissions(log.info)
+            existing = store.get()
+            if existing is None and not store.can_create:
+                raise kube.KubeError(
+                    f"tailscale state Secret {s.kube_secret} does not exist and we don't have permissions to create "
+                    "it. If you intend to store tailscale state elsewhere than a Kubernetes Secret, you can explicitly "
+                    "set TS_KUBE_SECRET env var to an empty string. Else ensure that RBAC is set up that allows the "
+                    "service account associated with this installation to create Secrets.")
+        except kube.KubeError as exc:
+            if self.stop_requested:
+                self.common(Event("signal", self.stop_requested))
+            text = str(exc)
+            if exc.code and not text.startswith("getting Tailscale state Secret"):
+                text = f"getting Tailscale state Secret {s.kube_secret}: {text}"
+            raise Exit(1, f"error setting up for running on Kubernetes: {text}") from exc
+        self.kube = store
+        if not store.can_patch:
+            log.info(f"no patch permission on Secret {json.dumps(s.kube_secret)}: containerboot writes nothing to it "
+                     "(tailscaled still keeps its state there)")
+        if not (s.authkey or s.client_id or s.client_secret or s.config_file):
+            self.authkey_from_secret(existing)
+        if self.kube_store is not None and existing is not None:
+            try:
+                store.patch(kube.reset_patch(existing, s.pod_uid, self.config_authkey))
+            except kube.KubeError as exc:
+                raise Exit(1, f"error clearing previous state from Secret: failed to read state Secret "
+                              f"{json.dumps(s.kube_secret)} to reset state: {exc}") from exc
+
+    def authkey_from_secret(self, existing: dict[str, bytes] | None) -> None:
+        assert self.kube is not None
+        if existing is None:
+            log.info("TS_AUTHKEY not provided and state Secret does not exist, login will be interactive if needed.")
+            return
+        raw = existing.get(kube.KEY_AUTHKEY, b"")
+        if raw:
+            if not self.kube.can_patch:
+                raise Exit(1, "error setting up for running on Kubernetes: authkey found in TS_KUBE_SECRET, but the "
+                              "pod doesn't have patch permissions on the Secret to manage the authkey.")
+            key = raw.decode("utf-8", errors="replace").strip()
+            if not key or any(c.isspace() or not c.isprintable() for c in key):
+                raise Exit(1, f"error setting up for running on Kubernetes: the authkey in Secret "
+                              f"{json.dumps(self.s.kube_secret)} is not one printable token ({len(raw)} bytes); "
+                              "expected an auth key such as tskey-auth-...")
+            self.s = replace(self.s, authkey=key)
+        # Upstream logs this line whether or not a key was found; searches for it keep working.
+        log.info("No authkey found in state Secret and TS_AUTHKEY not provided, login will be interactive if needed.")
+
+    def store_device_id(self) -> None:
+        store = self.kube_store
+        if store is None or self.node.stable_id == self.stored_id:
+            return
+        try:
+            store.patch({kube.KEY_DEVICE_ID: self.node.stable_id.encode()})
+        except kube.KubeError as exc:
+            raise Exit(1, f"storing device ID in Kubernetes Secret: {exc}") from exc
+        self.stored_id = self.node.stable_id
+
+    def store_device_endpoints(self) -> None:
+        store = self.kube_store
+        endpoints = (self.node.name, self.node.addrs)
+        if store is None or endpoints == self.stored_endpoints:
+            return
+        try:
+            store.patch(kube.endpoints_patch(*endpoints))
+        except kube.KubeError as exc:
+            raise Exit(1, f"storing device IPs and FQDN in Kubernetes Secret: {exc}") from exc
+        self.stored_endpoints = endpoints
+
+    def wait_consistent_state(self, deadline: float) -> None:
+        """Before SIGTERM: let tailscaled finish writing its login state (all keys or none), bounded."""
+        store = self.kube_store
+        if store is None:
+            return
+        log.info("Checking for consistent state")
+        logged, delay = False, 0.1
+        while time.monotonic() < deadline:
+            try:
+                data = store.get()
+            except kube.KubeError as exc:
+                log.info(f'Error waiting for consistent state on shutdown: getting Secret "{self.s.kube_secret}": '
+                         f"{exc}")
+                return
+            if data is None or kube.consistent(data):
+                return
+            if not logged:
+                log.info(f'Waiting for tailscaled to finish writing state to Secret "{self.s.kube_secret}"')
+                logged = True
+            time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
+            delay = min(delay * 2, 2.0)
+        log.info("Error waiting for consistent state on shutdown: context deadline exceeded")
+
+    # ---- auth key reissue (one-step config, Kubernetes state) ---------------------------------------
+
+    def reissue(self, reason: str) -> None:
+        """The config file's key was refused: ask the operator for a new one and wait for it (10 min)."""
+        store = self.kube_store
+        assert store is not None
+        log.info(reason)
+        try:
+            self.api.json("POST", "/localapi/v0/disconnect-control")
+        except LocalAPIError as exc:
+            raise Exit(1, f"failed to get a reissued authkey: error disconnecting from control: error disconnecting "
+                          f"control: {exc}") from exc
+        log.info("Requesting a new auth key from operator")
+        try:
+            store.patch({kube.KEY_REISSUE: self.config_authkey.encode()})
+        except kube.KubeError as exc:
+            raise Exit(1, "failed to get a reissued authkey: failed to set reissue_authkey in Kubernetes Secret: "
+                          f"{exc}") from exc
+        self.start_config_watch()
+        watch = self.config_watch
+        if watch is not None and watch.mode == "inotify":
+            log.info("auth key reissue: watching for config changes via fsnotify")
+        elif watch is not None:
+            log.info(f"auth key reissue: fsnotify unavailable, using polling: {watch.problem}")
+        log.info("Waiting for operator to provide new auth key (max wait: 10m0s)")
+        start = time.monotonic()
+        deadline = start + REISSUE_WAIT
+        next_poll = start + REISSUE_POLL
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise Exit(1, "failed to get a reissued authkey: failed to receive new auth key: timeout waiting for "
+                              "auth key reissue after 10m0s")
+            ev = self.next_event(min(deadline, next_poll))
+            if ev is not None and ev.kind not in ("config-changed", "notify", "bus-error"):
+                self.common(ev)
+            if ev is None or ev.kind != "config-changed":
+                if time.monotonic() < next_poll:
+                    continue
+                next_poll = time.monotonic() + REISSUE_POLL
+            key = configdir.authkey(self.s.config_file)
+            if key and key != self.config_authkey:
+                log.info(f"New auth key received from operator after {go_duration(round(time.monotonic() - start))}")
+                try:
+                    existing = store.get() or {}
+                    store.patch(kube.clear_reissue_patch(existing))
+                except kube.KubeError as exc:
+                    log.info(f"Warning: failed to clear reissue request: error getting state secret: {exc}")
+                raise Exit(0, "Successfully received new auth key, restarting to apply configuration")
+            if watch is None or watch.mode != "inotify":
+                log.info(f"Waiting for new auth key from operator ({go_duration(round(time.monotonic() - start))} "
+                         "elapsed)")
+
+    # ---- tailscaled config file (TS_EXPERIMENTAL_VERSIONED_CONFIG_DIR) -------------------------------
+
+    def start_config_watch(self) -> None:
+        if self.config_watch is not None or not self.s.config_file:
+            return
+        self.config_bytes = configdir.read_bytes(self.s.config_file)
+        self.config_watch = configdir.DirWatch(os.path.dirname(self.s.config_file),
+                                               lambda: self.events.put(Event("config-changed")),
+                                               use_inotify=not os.environ.get("TS_TEST_NO_INOTIFY"))
+        if self.config_watch.mode != "inotify":
+            log.info("tailscaled config watch: failed to create fsnotify watcher, timer-only mode: "
+                     f"{self.config_watch.problem}")
+
+    def on_config_changed(self) -> None:
+        data = configdir.read_bytes(self.s.config_file)
+        if data is None:
+            raise Exit(1, f"error reading configfile: open {self.s.config_file}: no such file or directory")
+        if data == self.config_bytes:
+            return  # the mount holds other files too: reload only when ours changed
+        self.config_bytes = data
+        log.info("tailscaled config watch: ensuring that config is up to date")
+        try:
+            answer = self.api.json("POST", "/localapi/v0/reload-config")
+        except LocalAPIError as exc:
+            raise Exit(1, f"error reloading tailscaled config: {exc}") from exc
+        if isinstance(answer, dict) and answer.get("Err"):
+            raise Exit(1, f"error reloading tailscaled config: {answer['Err']}")
+        if isinstance(answer, dict) and answer.get("Reloaded"):
+            log.info("tailscaled config watch: config was reloaded")
+
     # ---- events ------------------------------------------------------------------------------------
 
     def on_signal(self, signum: int, _frame: Any) -> None:
@@ -149,13 +372,55 @@ class Boot:
 
     def open_watch(self, mask: int) -> None:
         self.close_watch()
+        self.watch_mask = mask
+        self.reconnect_at = None
+        self.bus_backoff = 0.0
         try:
             watch = self.api.watch(mask)
         except LocalAPIError as exc:
             raise Exit(1, f"failed to watch tailscaled for updates: {exc}") from exc
+        self._attach(watch)
+
+    def _attach(self, watch: BusWatch) -> None:
         self.watch_id += 1
         self.watch = watch
+        self.watch_opened = time.monotonic()
+        self.dial_failing_since = None
         threading.Thread(target=self._read, args=(watch, self.watch_id), name="ipn-bus", daemon=True).start()
+
+    def on_bus_error(self, message: str) -> None:
+        """A dropped stream is reopened with backoff, like upstream's reconnecting watcher: the new watch
+        starts with a full status, so nothing is missed. tailscaled dying is reported as its exit."""
+        if self.child and self.child.proc.poll() is None:
+            time.sleep(0.2)  # tailscaled dying closes the stream first: report its exit instead
+        if self.child and self.child.proc.poll() is not None:
+            self.common(Event("tailscaled-exit", self.child.proc.returncode))
+        self.close_watch()
+        log.info(f"IPN bus watch ended; reconnecting: {message}")
+        if time.monotonic() - self.watch_opened >= 30:
+            self.bus_backoff = 0.0
+        self.schedule_reconnect()
+
+    def schedule_reconnect(self) -> None:
+        self.bus_backoff = min(BUS_MAX_BACKOFF, max(0.1, self.bus_backoff * 2))
+        self.reconnect_at = time.monotonic() + self.bus_backoff
+
+    def maybe_reconnect(self) -> None:
+        if self.reconnect_at is None or time.monotonic() < self.reconnect_at:
+            return
+        try:
+            watch = self.api.watch(self.watch_mask)
+        except LocalAPIError as exc:
+            now = time.monotonic()
+            if self.dial_failing_since is None:
+                self.dial_failing_since = now
+            elif now - self.dial_failing_since >= BUS_MAX_DIAL_FAILURE:
+                raise Exit(1, f"failed to read from tailscaled: reading tailscaled IPN bus: {exc}") from exc
+            self.schedule_reconnect()
+            return
+        self.reconnect_at = None
+        self._attach(watch)
+        log.info("IPN bus watch reconnected")
 
     def _read(self, watch: BusWatch, wid: int) -> None:
         try:
@@ -173,7 +438,10 @@ class Boot:
     def next_event(self, deadline: float | None = None) -> Event | None:
         """The next live event, or None on a tick (at most one second, or at the deadline)."""
         while True:
+            self.maybe_reconnect()
             wait = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
+            if self.reconnect_at is not None:
+                wait = min(wait, max(0.0, self.reconnect_at - time.monotonic()))
             try:
                 ev = self.events.get(timeout=wait)
             except queue.Empty:
@@ -193,11 +461,9 @@ class Boot:
                        f"tailscaled exited unexpectedly ({tailscaled.exit_status(code)}); exiting so that the "
                        "container is restarted")
         if ev.kind == "bus-error":
-            if self.child and self.child.proc.poll() is None:
-                time.sleep(0.5)  # tailscaled dying closes the stream first: report its exit instead
-            if self.child and self.child.proc.poll() is not None:
-                self.common(Event("tailscaled-exit", self.child.proc.returncode))
-            raise Exit(1, f"failed to read from tailscaled: {ev.value}")
+            self.on_bus_error(str(ev.value))
+        if ev.kind == "config-changed" and self.started:
+            self.on_config_changed()
 
     # ---- phases ------------------------------------------------------------------------------------
 
@@ -243,7 +509,16 @@ class Boot:
                 self.api.json("POST", "/localapi/v0/serve-config", {})
             except LocalAPIError as exc:
                 raise Exit(1, f"failed to unset serve config: {exc}") from exc
+        store = self.kube_store
+        if store is not None and s.auth_once and not s.config_file:
+            # The key is no longer needed once the node is logged in; a reusable one should not linger.
+            log.info("Deleting authkey from Kubernetes Secret")
+            try:
+                store.delete_authkey()
+            except kube.KubeError as exc:
+                raise Exit(1, f"deleting authkey from Kubernetes Secret: {exc}") from exc
         self.open_watch(ipn.WATCH_MASK)
+        self.start_config_watch()
 
     def login(self, deadline: float) -> None:
         log.info("Running 'tailscale up'")
@@ -273,6 +548,9 @@ class Boot:
                 return
             if state == "NeedsLogin":
                 if self.s.config_file:
+                    if self.kube_store is not None:
+                        self.reissue("Auth key missing or invalid (NeedsLogin state), disconnecting from control and "
+                                     "requesting new key from operator")
                     raise Exit(1, "invalid state: tailscaled daemon started with a config file, but tailscale is "
                                   "not logged in: ensure you pass a valid auth key in the config file")
                 if self.s.auth_once and not logged_in:
@@ -283,6 +561,13 @@ class Boot:
                 log.info("machine authorization required, please visit the admin panel")
             elif state:
                 log.info(f'tailscaled in state "{state}", waiting')
+            warnings = (ev.value.get("Health") or {}).get("Warnings") if isinstance(ev.value.get("Health"), dict) \
+                else None
+            if (isinstance(warnings, dict) and LOGIN_STATE_WARNING in warnings and self.s.config_file
+                    and self.kube_store is not None):
+                # The config's key was refused (single-use and used, expired) and the node state is gone.
+                self.reissue("Auth key failed to authenticate (may be expired or single-use), disconnecting from "
+                             "control and requesting new key from operator")
 
     def run_loop(self) -> None:
         while True:
@@ -301,6 +586,8 @@ class Boot:
                 self.node = ipn.update(self.node, ev.value)
                 if self.node.self_known:
                     self.on_netmap(self_changed=bool(ev.value.get("SelfChange")))
+            elif isinstance(ev.value.get("ErrMessage"), str):
+                log.info(f"tailscaled IPN bus error: {ev.value['ErrMessage']}")
 
     # ---- netmap processing ------------------------------------------------------------------------
 
@@ -380,25 +667,37 @@ class Boot:
                  ms_after_netmap=round((time.monotonic() - self.netmap_at) * 1000, 2))
 
     def on_netmap(self, self_changed: bool = False) -> None:
+        # The device ID goes to the Secret before any rule, so that the operator can delete the device
+        # of a proxy whose rules keep failing; name and addresses only once the rules are live, because
+        # the operator publishes them as the Service's endpoint.
+        self.store_device_id()
         self.resolve_egress()
         self.resolve_backends(force=self.applied is None)
         if self.node.addrs:
             self.reconcile()
+        self.store_device_endpoints()
         self.health.set(bool(self.node.addrs))
         if self.serve:
             if self_changed:  # cert domains ride with DNS config, which a SelfChange may have changed
                 self.refresh_cert_domains()
             self.poll_serve()
-        if not self.started:
+        if not self.started and (not self.s.is_l3_proxy or self.kube_store is None
+                                 or (self.stored_id is not None and self.stored_endpoints is not None)):
             self.started = True
             log.info("Startup complete, waiting for shutdown signal")
 
     def poll_serve(self) -> None:
         assert self.serve is not None
         try:
-            self.serve.poll(self.node.cert_domain)
+            updated = self.serve.poll(self.node.cert_domain)
         except LocalAPIError as exc:
             raise Exit(1, f"serve proxy: failed to apply serve config: {exc}") from exc
+        store = self.kube_store
+        if updated and store is not None:
+            try:
+                store.patch({kube.KEY_HTTPS_ENDPOINT: self.node.cert_domain.encode()})
+            except kube.KubeError as exc:
+                raise Exit(1, f"serve proxy: error storing HTTPS endpoint: {exc}") from exc
 
     def tick(self) -> None:
         if not self.started:
@@ -451,11 +750,17 @@ class Boot:
 
     def shutdown(self, clean: bool) -> None:
         self.close_watch()
+        if self.config_watch is not None:
+            self.config_watch.close()
         if self.child is not None and self.child.proc.poll() is None:
+            deadline = time.monotonic() + SHUTDOWN_TIMEOUT
             if clean:
                 self.unadvertise()
+            # Stopping tailscaled between its login and its last state write would leave a Secret
+            # it cannot recover from; upstream waits for all-or-nothing state, and so do we.
+            self.wait_consistent_state(deadline)
             log.info("Sending SIGTERM to tailscaled")
-            self.child.terminate(SHUTDOWN_TIMEOUT)
+            self.child.terminate(max(1.0, deadline - time.monotonic()))
         if clean and self.driver is not None and self.applied is not None:
             try:
                 self.driver.flush()
@@ -476,6 +781,7 @@ class Boot:
             self.prepare_host()
             self.env = self.prepare_firewall()
             log.info(self.summary())
+            self.setup_kube()
             self.start()
             self.run_loop()
         except Exit as exc:

@@ -37,38 +37,41 @@ class ServeWatcher:
         self._seen: tuple[object, ...] | None = None
         self._applied: dict[str, Any] | None = None
 
-    def poll(self, cert_domain: str) -> None:
+    def poll(self, cert_domain: str) -> bool:
+        """True when a new config was handled (applied, or skipped for want of HTTPS): upstream then
+        records the cert domain as the Secret's https_endpoint."""
         try:
             st = os.stat(self.path)
             stamp: tuple[object, ...] = (st.st_mtime_ns, st.st_size, st.st_ino, cert_domain)
         except OSError:
             stamp = ("missing", cert_domain)
         if stamp == self._seen:
-            return
+            return False
         self._seen = stamp
         try:
             with open(self.path) as f:
                 text = f.read()
         except OSError:
             log.info(f'serve proxy: no serve config at "{self.path}", skipping')
-            return
+            return False
         if not text.strip():
             log.info("serve proxy: serve config file is empty, skipping")
-            return
+            return False
         try:
             cfg = render(text, cert_domain)
         except ValueError as exc:
             # Upstream exits here; keeping the last good config keeps a typo from taking the node down.
             log.error(f'serve proxy: failed to read serve config "{self.path}": {exc}; keeping the previous one')
-            return
+            return False
         if cfg == self._applied:
-            return
+            return False
         if cert_domain == "no-https" and wants_https(cfg):
             log.warning(NO_HTTPS_WARNING)
-            return
+            return True
         log.info("serve proxy: applying serve config")
         self.api.json("POST", "/localapi/v0/serve-config", cfg)
         self._applied = cfg
         handlers = len(cfg.get("TCP") or {}) + sum(len(w.get("Handlers") or {}) for w in (cfg.get("Web") or {}).values()
                                                    if isinstance(w, dict))
         log.info(f'serve proxy: serving "{self.path}": {handlers} handlers')
+        return True

@@ -411,9 +411,10 @@ def _config_error(cfg_dir: str, message: str) -> ConfigError:
                                    f"{VARIABLES[CONFIG_DIR]})")
 
 
-def _config_file(cfg_dir: str, root: str) -> tuple[str, str]:
-    """The cap-<N>.hujson to use (largest N not above our capability version), and the log line."""
-    real = posixpath.normpath(posixpath.join(root, cfg_dir.lstrip("/"))) if root != "/" else cfg_dir
+def _config_file(cfg_dir: str) -> tuple[str, str]:
+    """The cap-<N>.hujson to use (largest N not above our capability version), and the log line.
+    The directory is used as given, like upstream: the test root applies only to fixed system paths."""
+    real = cfg_dir
     try:
         names = os.listdir(real)
     except (OSError, ValueError) as exc:
@@ -435,8 +436,8 @@ def _config_file(cfg_dir: str, root: str) -> tuple[str, str]:
     return path, f"Using tailscaled config file {json.dumps(path)} to match current capability version {best}"
 
 
-def _check_config_file(cfg_dir: str, path: str, root: str) -> None:
-    real = posixpath.normpath(posixpath.join(root, path.lstrip("/")))
+def _check_config_file(cfg_dir: str, path: str) -> None:
+    real = path
     contents = "error validating tailscaled configfile contents"
     try:
         doc = parse_hujson(_read_text(real))
@@ -516,7 +517,7 @@ def load(env: Mapping[str, str], read_file: Callable[[str], str] = _read_text) -
     config_dir = e.text("TS_EXPERIMENTAL_VERSIONED_CONFIG_DIR")
     config_file = ""
     if config_dir:
-        config_file, line = _config_file(config_dir, root)
+        config_file, line = _config_file(config_dir)
         notes.append(line)
 
     s = Settings(
@@ -579,7 +580,7 @@ def _validate(s: Settings) -> Settings:
     fail = ConfigError
 
     if s.config_file:
-        _check_config_file(s.config_dir, s.config_file, s.root)
+        _check_config_file(s.config_dir, s.config_file)
     if s.dest_ip and s.userspace:
         raise fail("TS_DEST_IP", f"TS_DEST_IP is not supported with TS_USERSPACE {user}")
     if s.dest_dns_name and s.userspace:

@@ -1,0 +1,370 @@
+"""Kubernetes: a small API client (standard library only) and the proxy's state Secret.
+
+The Tailscale operator reads back what a proxy writes into its Secret (`TS_KUBE_SECRET`): the device's
+stable ID to delete it later, its MagicDNS name and addresses once traffic can flow, the capability
+version and Pod UID that tell it which of those fields it may trust. Keys and timing follow upstream's
+`cmd/containerboot/kube.go` and `kube/kubeclient`; the decisions about what to write are pure
+functions here (`reset_patch`, `clear_reissue_patch`, `consistent`), the HTTP calls sit in `Client`.
+
+Why not a client library: measured on this project's machine (Python 3.11, same venv), importing
+`lightkube` costs 23 MiB of RSS and ~0.5 s, the official `kubernetes` client 35 MiB and ~1 s, while
+`ssl` + `http.client` cost 11 MiB and ~0.15 s, and the proxy needs six calls.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http.client
+import ipaddress
+import json
+import os
+import socket
+import ssl
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from containerboot.settings import CAPABILITY_VERSION, Settings
+from firewall.model import IPAddress
+
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+DEFAULT_SERVER = "kubernetes.default.svc"
+FIELD_MANAGER = "tailscale-container"
+TOKEN_REREAD_SECONDS = 30 * 60  # upstream re-reads the projected token every 30 minutes, and after a 401
+REQUEST_TIMEOUT = 5.0  # each connect, send and read; a hung API server costs at most this per attempt
+ATTEMPTS = 3  # transient failures (connection errors, 429, 5xx) are retried this often in all
+MAX_BODY = 4 << 20  # a Secret is at most 1 MiB; anything far larger is not an answer we want
+
+KEY_DEVICE_ID = "device_id"
+KEY_DEVICE_FQDN = "device_fqdn"
+KEY_DEVICE_IPS = "device_ips"
+KEY_POD_UID = "pod_uid"
+KEY_CAPVER = "tailscale_capver"
+KEY_REISSUE = "reissue_authkey"
+KEY_HTTPS_ENDPOINT = "https_endpoint"
+KEY_AUTHKEY = "authkey"
+KEY_EGRESS_SERVICES = "egress-services"
+KEY_INGRESS_CONFIG = "ingress-config.json"
+# tailscaled's own keys (ipn.CurrentProfileStateKey, KnownProfilesStateKey, MachineKeyStateKey).
+KEY_CURRENT_PROFILE = "_current-profile"
+KEY_PROFILES = "_profiles"
+KEY_MACHINE_KEY = "_machinekey"
+
+Patch = dict[str, bytes | None]  # a Secret data patch: None deletes the key
+
+
+class KubeError(RuntimeError):
+    """An API call that failed: `code` is the HTTP status (0: no answer), the text one line."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(" ".join(message.split()))
+        self.code = code
+
+    @property
+    def not_found(self) -> bool:
+        return self.code == 404
+
+
+# ---- pure decisions ---------------------------------------------------------------------------------
+
+
+def reset_patch(existing: Mapping[str, bytes], pod_uid: str, config_authkey: str) -> Patch:
+    """What a fresh start clears (upstream's resetContainerbootState): the operator must not trust the
+    previous Pod's status fields. Device identity stays so the operator can still delete the old device;
+    a reissue request stays until the operator has answered it (the config holds a different key)."""
+    patch: Patch = {
+        KEY_CAPVER: str(CAPABILITY_VERSION).encode(),
+        KEY_HTTPS_ENDPOINT: None,
+        KEY_EGRESS_SERVICES: None,
+        KEY_INGRESS_CONFIG: None,
+    }
+    if pod_uid:
+        patch[KEY_POD_UID] = pod_uid.encode()
+    broken = existing.get(KEY_REISSUE)
+    if broken is not None and config_authkey and broken.decode(errors="replace") != config_authkey:
+        patch[KEY_REISSUE] = None
+    return patch
+
+
+def clear_reissue_patch(existing: Mapping[str, bytes]) -> Patch:
+    """After a new key arrives: forget the request and the old node's identity and tailscaled state, so
+    the restart logs in as a new node with the new key."""
+    patch: Patch = dict.fromkeys((KEY_REISSUE, KEY_DEVICE_ID, KEY_DEVICE_FQDN, KEY_DEVICE_IPS, KEY_MACHINE_KEY,
+                                  KEY_CURRENT_PROFILE, KEY_PROFILES))
+    profile = existing.get(KEY_CURRENT_PROFILE, b"").decode(errors="replace")
+    if profile:
+        patch[profile] = None
+    return patch
+
+
+def endpoints_patch(fqdn: str, addrs: Iterable[IPAddress]) -> Patch:
+    """`device_fqdn` (with its trailing dot, as tailscaled reports it) and `device_ips` as Go's
+    json.Marshal of a []string writes them (`null` when there are none)."""
+    ips = [str(a) for a in addrs]
+    return {KEY_DEVICE_FQDN: fqdn.encode(),
+            KEY_DEVICE_IPS: json.dumps(ips or None, separators=(",", ":")).encode()}
+
+
+def consistent(data: Mapping[str, bytes]) -> bool:
+    """tailscaled has written all of its login state, or none of it (upstream's hasConsistentState)."""
+    profiles = sum(1 for k in data if k.startswith("profile-"))
+    if profiles > 1:
+        return False
+    present = [KEY_CURRENT_PROFILE in data, KEY_PROFILES in data, KEY_MACHINE_KEY in data, profiles == 1]
+    return all(present) or not any(present)
+
+
+def decode_data(name: str, data: Any) -> dict[str, bytes]:
+    """A Secret's `data` (base64 values) as bytes; a value that is not base64 is an error naming the key."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise KubeError(f"Secret {json.dumps(name)}: data is not an object")
+    out: dict[str, bytes] = {}
+    for key, value in data.items():
+        try:
+            out[str(key)] = base64.b64decode(value if isinstance(value, str) else "", validate=True)
+        except (binascii.Error, ValueError):
+            shown = json.dumps(str(key))[:80]
+            raise KubeError(f"Secret {json.dumps(name)}: data key {shown} is not valid base64") from None
+    return out
+
+
+def server_address(s: Settings, env: Mapping[str, str]) -> tuple[str, int]:
+    """Where the API server is: the in-cluster name, or, like upstream under a test root or with
+    TS_KUBERNETES_READ_API_SERVER_ADDRESS_FROM_ENV=true, KUBERNETES_SERVICE_HOST:KUBERNETES_SERVICE_PORT_HTTPS."""
+    if s.root == "/" and not s.kube_api_from_env:
+        return DEFAULT_SERVER, 443
+    host = env.get("KUBERNETES_SERVICE_HOST", "")
+    port_text = env.get("KUBERNETES_SERVICE_PORT_HTTPS") or env.get("KUBERNETES_SERVICE_PORT") or "443"
+    try:
+        port = int(port_text)
+        if not 0 < port < 65536:
+            raise ValueError
+    except ValueError:
+        raise KubeError(f"KUBERNETES_SERVICE_PORT_HTTPS={json.dumps(port_text[:40])} is not a port number") from None
+    return host, port
+
+
+# ---- the client -------------------------------------------------------------------------------------
+
+
+class Client:
+    """Bearer-token HTTPS to the API server, one kept-alive connection, every call bounded in time."""
+
+    def __init__(self, sa_dir: str, host: str, port: int, stop: Callable[[], bool] = lambda: False,
+                 timeout: float = REQUEST_TIMEOUT) -> None:
+        self.sa_dir = sa_dir
+        self.host, self.port = host, port
+        self.stop = stop
+        self.timeout = timeout
+        self.namespace = self._read("namespace").decode().strip()
+        try:
+            self.tls = ssl.create_default_context(cadata=self._read("ca.crt").decode(errors="replace"))
+        except ssl.SSLError as exc:
+            raise KubeError(f"error creating kube client: {os.path.join(sa_dir, 'ca.crt')} holds no usable CA "
+                            f"certificate: {exc.reason or exc}") from None
+        self._token = ""
+        self._token_read = 0.0
+        self._conn: http.client.HTTPSConnection | None = None
+        self._lock = threading.Lock()  # the serve watcher and the main loop may share the client
+
+    def _read(self, name: str) -> bytes:
+        path = os.path.join(self.sa_dir, name)
+        try:
+            with open(path, "rb") as f:
+                return f.read(1 << 20)
+        except OSError as exc:
+            raise KubeError(f"error creating kube client: reading {path}: {exc.strerror}") from None
+
+    def token(self, force: bool = False) -> str:
+        if force or not self._token or time.monotonic() - self._token_read > TOKEN_REREAD_SECONDS:
+            path = os.path.join(self.sa_dir, "token")
+            try:
+                with open(path, "rb") as f:
+                    self._token = f.read(64 << 10).decode(errors="replace").strip()
+            except OSError as exc:
+                raise KubeError(f"reading the service account token {path}: {exc.strerror}") from None
+            self._token_read = time.monotonic()
+        return self._token
+
+    def _connection(self) -> http.client.HTTPSConnection:
+        if self._conn is None:
+            host = self.host
+            try:
+                if ipaddress.ip_address(host).version == 6:
+                    host = f"[{host}]"  # http.client wants the brackets; TLS checks the address SAN
+            except ValueError:
+                pass
+            self._conn = http.client.HTTPSConnection(host, self.port, context=self.tls, timeout=self.timeout)
+        return self._conn
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _once(self, method: str, path: str, body: bytes | None, content_type: str,
+              token: str) -> tuple[int, str, bytes]:
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json",
+                   "User-Agent": "containerboot"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        conn = self._connection()
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read(MAX_BODY + 1)
+        except (OSError, http.client.HTTPException):
+            self._drop()
+            raise
+        if len(data) > MAX_BODY or resp.will_close:
+            self._drop()
+        return resp.status, resp.reason, data
+
+    def request(self, method: str, path: str, payload: Any = None,
+                content_type: str = "application/json") -> Any:
+        """One API call: the decoded JSON answer, or KubeError with the Status message on one line."""
+        body = None if payload is None else json.dumps(payload).encode()
+        last = ""
+        retried_401 = False
+        attempt = 0
+        with self._lock:
+            while attempt < ATTEMPTS:
+                if attempt and self.stop():
+                    raise KubeError(f"{method} {path}: interrupted by a shutdown signal")
+                attempt += 1
+                try:
+                    status, reason, data = self._once(method, path, body, content_type, self.token())
+                except (OSError, http.client.HTTPException) as exc:
+                    last = (f"no answer from https://{self.host}:{self.port} within {self.timeout:g}s"
+                            if isinstance(exc, (TimeoutError, socket.timeout)) else f"{type(exc).__name__}: {exc}")
+                    self._pause(attempt)
+                    continue
+                if 200 <= status < 300:
+                    try:
+                        return json.loads(data) if data.strip() else None
+                    except ValueError:
+                        raise KubeError(f"{method} {path}: the answer is not JSON") from None
+                message = _status_message(status, reason, data)
+                if status == 401 and not retried_401:
+                    # The kubelet rotates projected tokens; read the file again before giving up.
+                    retried_401 = True
+                    attempt -= 1
+                    self.token(force=True)
+                    continue
+                if status == 429 or status >= 500:
+                    last = f"{status} {message}"
+                    self._pause(attempt)
+                    continue
+                raise KubeError(message, status)
+        raise KubeError(f"{method} {path}: {last} (gave up after {ATTEMPTS} attempts)",
+                        int(last.split()[0]) if last[:3].isdigit() else 0)
+
+    def _pause(self, attempt: int) -> None:
+        if attempt >= ATTEMPTS:
+            return
+        end = time.monotonic() + 0.5 * attempt
+        while time.monotonic() < end and not self.stop():
+            time.sleep(0.05)
+
+    # ---- calls the proxy makes ---------------------------------------------------------------------
+
+    def _secret_path(self, name: str) -> str:
+        return f"/api/v1/namespaces/{urllib.parse.quote(self.namespace)}/secrets/{urllib.parse.quote(name)}"
+
+    def allowed(self, verb: str, resource: str, name: str = "") -> bool:
+        attrs = {"namespace": self.namespace, "verb": verb, "resource": resource}
+        if name:
+            attrs["name"] = name
+        review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+                  "spec": {"resourceAttributes": attrs}}
+        answer = self.request("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", review)
+        return bool(isinstance(answer, dict) and (answer.get("status") or {}).get("allowed"))
+
+    def get_secret(self, name: str) -> dict[str, bytes]:
+        answer = self.request("GET", self._secret_path(name))
+        return decode_data(name, answer.get("data") if isinstance(answer, dict) else None)
+
+    def patch_secret(self, name: str, data: Mapping[str, bytes | None]) -> None:
+        """Strategic merge patch of `data` (None deletes a key), as field manager tailscale-container."""
+        body = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": self.namespace},
+                "data": {k: None if v is None else base64.b64encode(v).decode() for k, v in data.items()}}
+        self.request("PATCH", f"{self._secret_path(name)}?fieldManager={FIELD_MANAGER}", body,
+                     "application/strategic-merge-patch+json")
+
+    def json_patch_secret(self, name: str, ops: list[dict[str, Any]]) -> None:
+        self.request("PATCH", self._secret_path(name), ops, "application/json-patch+json")
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+
+def _status_message(status: int, reason: str, data: bytes) -> str:
+    """A k8s Status object's message; anything else as the HTTP status and the start of the body."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("message"), str) and doc["message"]:
+        return str(doc["message"])
+    text = data[:200].decode(errors="replace").strip()
+    return f"{status} {reason}" + (f": {text}" if text else "")
+
+
+# ---- the state Secret ---------------------------------------------------------------------------------
+
+
+class SecretStore:
+    """The proxy's view of its state Secret: permission checks at start, then the keys it writes."""
+
+    def __init__(self, client: Client, name: str) -> None:
+        self.client = client
+        self.name = name
+        self.can_patch = False
+        self.can_create = False
+
+    def check_permissions(self, log_info: Callable[[str], None]) -> None:
+        """get and update must be allowed (else an error naming what is missing); patch and create are
+        probed, and an error asking is taken as "no" (upstream's CheckSecretPermissions)."""
+        missing = []
+        for verb in ("get", "update"):
+            try:
+                if not self.client.allowed(verb, "secrets", self.name):
+                    missing.append(f"missing {verb} permission on secret {json.dumps(self.name)}")
+            except KubeError as exc:
+                log_info(f"error checking {verb} permission on secret {self.name}: {exc}")
+        if missing:
+            raise KubeError("some Kubernetes permissions are missing, please check your RBAC configuration: "
+                            + "; ".join(missing))
+        for verb in ("patch", "create"):
+            try:
+                ok = self.client.allowed(verb, "secrets", self.name)
+            except KubeError as exc:
+                log_info(f"error checking {verb} permission on secret {self.name}: {exc}")
+                self.can_patch = self.can_create = False
+                return
+            setattr(self, f"can_{verb}", ok)
+
+    def get(self) -> dict[str, bytes] | None:
+        """The Secret's data, or None when it does not exist."""
+        try:
+            return self.client.get_secret(self.name)
+        except KubeError as exc:
+            if exc.not_found:
+                return None
+            raise
+
+    def patch(self, data: Mapping[str, bytes | None]) -> None:
+        self.client.patch_secret(self.name, data)
+
+    def delete_authkey(self) -> None:
+        try:
+            self.client.json_patch_secret(self.name, [{"op": "remove", "path": f"/data/{KEY_AUTHKEY}"}])
+        except KubeError as exc:
+            if exc.code != 422:  # the key is already gone: nothing to do
+                raise
