@@ -114,6 +114,15 @@ class FakeLocalAPI:
         self.server.shutdown()
         self.server.server_close()
 
+    def restart(self, down: float = 0.0) -> None:
+        """Like tailscaled's LocalAPI going away and coming back: every stream ends, the socket is gone
+        for `down` seconds, then a new server answers with the current notification."""
+        self.close()
+        os.unlink(self.path)
+        time.sleep(down)
+        self.server = _UnixHTTPServer(self.path, self._handler())
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         api = self
 
@@ -146,6 +155,8 @@ class FakeLocalAPI:
                     return self._reply(200, b"{}")
                 if route in (("POST", "/localapi/v0/serve-config"), ("POST", "/localapi/v0/disconnect-control")):
                     return self._reply(200)
+                if route == ("POST", "/localapi/v0/reload-config"):
+                    return self._reply(200, b'{"Reloaded":true}')
                 if route == ("GET", "/localapi/v0/usermetrics"):
                     return self._reply(200, b"fake metrics", "text/plain")
                 if route == ("GET", "/localapi/v0/status"):
