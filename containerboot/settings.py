@@ -15,6 +15,7 @@ import json
 import os
 import posixpath
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
@@ -87,16 +88,29 @@ PASSED_PREFIXES = ("TS_DEBUG_", "TS_TEST_")
 
 
 
+SHOWN_CHARS = 64  # a rejected value is echoed up to this many characters
+MAX_MESSAGE = 1000  # and no error line is longer than this
+
+
 class ConfigError(ValueError):
     """One line for people: which variable, what it was, what would be valid."""
 
     def __init__(self, variable: str, message: str) -> None:
+        if len(message) > MAX_MESSAGE:  # a long value in a message that did not cut it: keep both ends
+            message = message[:MAX_MESSAGE * 2 // 3] + "…" + message[-MAX_MESSAGE // 3:]
         super().__init__(message)
         self.variable = variable
 
 
+def shown(value: str, limit: int = SHOWN_CHARS) -> str:
+    """A value as quoted in an error: JSON-quoted (so one line), cut to `limit` characters."""
+    if len(value) <= limit:
+        return json.dumps(value)
+    return f"{json.dumps(value[:limit])[:-1]}…\" ({len(value)} characters)"
+
+
 def _shown(name: str, value: str) -> str:
-    return "<redacted>" if name in SECRETS else json.dumps(value)
+    return "<redacted>" if name in SECRETS else shown(value)
 
 
 def bad(name: str, value: str, problem: str, valid: str | None = None) -> ConfigError:
@@ -114,26 +128,66 @@ def parse_bool(text: str) -> bool:
     raise ValueError("is not a boolean")
 
 
-_DURATION = re.compile(r"([0-9]*\.?[0-9]*)(ns|us|µs|μs|ms|s|m|h)")
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_UNITS_NS = {"ns": 1, "us": 1000, "µs": 1000, "μs": 1000, "ms": 1_000_000, "s": 1_000_000_000,
+             "m": 60_000_000_000, "h": 3_600_000_000_000}
+_DIGITS = "0123456789"
+_MAX_NS = 1 << 63  # Go's Duration is an int64 of nanoseconds: at most 2562047h47m16.854775807s
 
 
 def parse_duration(text: str) -> float:
-    """Go's time.ParseDuration, in seconds."""
-    body = text[1:] if text[:1] in "+-" else text
-    sign = -1.0 if text.startswith("-") else 1.0
+    """Go's time.ParseDuration (same grammar, same overflow rule), in seconds."""
+    body = text[1:] if text[:1] in ("+", "-") else text
+    negative = text.startswith("-")
     if body == "0":
         return 0.0
-    pos, total = 0, 0.0
-    while pos < len(body):
-        m = _DURATION.match(body, pos)
-        if not m or m.group(1) in ("", "."):
-            raise ValueError("is not a duration")
-        total += float(m.group(1)) * _UNITS[m.group(2)]
-        pos = m.end()
     if not body:
         raise ValueError("is not a duration")
-    return sign * total
+    total = 0
+    while body:
+        if body[0] != "." and body[0] not in _DIGITS:
+            raise ValueError("is not a duration")
+        i = 0
+        whole = 0
+        while i < len(body) and body[i] in _DIGITS:
+            whole = whole * 10 + _DIGITS.index(body[i])
+            if whole > _MAX_NS:
+                raise ValueError("is out of range (at most 2562047h47m16.854775807s)")
+            i += 1
+        pre, body = i > 0, body[i:]
+        frac, scale, post = 0, 1.0, False
+        if body[:1] == ".":
+            body = body[1:]
+            i, overflow = 0, False
+            while i < len(body) and body[i] in _DIGITS:
+                if not overflow:
+                    nxt = frac * 10 + _DIGITS.index(body[i])
+                    if nxt > _MAX_NS:
+                        overflow = True
+                    else:
+                        frac, scale = nxt, scale * 10
+                i += 1
+            post, body = i > 0, body[i:]
+        if not pre and not post:
+            raise ValueError("is not a duration")
+        i = 0
+        while i < len(body) and body[i] != "." and body[i] not in _DIGITS:
+            i += 1
+        unit = _UNITS_NS.get(body[:i])
+        if unit is None:
+            raise ValueError("is not a duration" if i else "is not a duration (a number needs a unit: ns, us, ms, "
+                                                            "s, m or h)")
+        body = body[i:]
+        if whole > _MAX_NS // unit:
+            raise ValueError("is out of range (at most 2562047h47m16.854775807s)")
+        value = whole * unit
+        if frac:
+            value += int(float(frac) * (float(unit) / scale))
+        total += value
+        if value > _MAX_NS or total > _MAX_NS:
+            raise ValueError("is out of range (at most 2562047h47m16.854775807s)")
+    if not negative and total > _MAX_NS - 1:
+        raise ValueError("is out of range (at most 2562047h47m16.854775807s)")
+    return (-total if negative else total) / 1e9
 
 
 def parse_ip(text: str) -> IPAddress:
@@ -143,6 +197,19 @@ def parse_ip(text: str) -> IPAddress:
         return ipaddress.ip_address(text)
     except ValueError:
         raise ValueError("is not an IP address") from None
+
+
+def parse_host_ip(text: str) -> IPAddress:
+    """An address one host can have: parse_ip, and not unspecified (0.0.0.0, ::), the IPv4 broadcast
+    address or a multicast address."""
+    addr = parse_ip(text)
+    if addr.is_unspecified:
+        raise ValueError("is the unspecified address, not one host's")
+    if addr == ipaddress.IPv4Address("255.255.255.255"):
+        raise ValueError("is the broadcast address, not one host's")
+    if addr.is_multicast:
+        raise ValueError("is a multicast address, not one host's")
+    return addr
 
 
 def parse_addr_port(text: str) -> tuple[IPAddress, int]:
@@ -182,14 +249,14 @@ def parse_prefixes(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Net
     out = []
     for part in text.split(","):
         if "/" not in part or part != part.strip():
-            raise ValueError(f"has {json.dumps(part)}, which is not a CIDR prefix")
+            raise ValueError(f"has {shown(part)}, which is not a CIDR prefix")
         try:
             out.append(ipaddress.ip_network(part, strict=True))
         except ValueError:
             try:
                 net = ipaddress.ip_network(part, strict=False)
             except ValueError:
-                raise ValueError(f"has {json.dumps(part)}, which is not a CIDR prefix") from None
+                raise ValueError(f"has {shown(part)}, which is not a CIDR prefix") from None
             raise ValueError(f"has {part}, which has host bits set (did you mean {net}?)") from None
     return tuple(out)
 
@@ -342,19 +409,74 @@ class _Env:
         file_var = f"{name}_FILE"
         path = self.env.get(file_var, "")
         if not path:
-            return self.env.get(name, "")
+            value = self.env.get(name, "")
+            if value:
+                problem = token_problem(value)
+                if problem:
+                    raise ConfigError(name, f"{name}=<redacted> {problem}; expected {VARIABLES[name]}")
+            return value.strip()
         if self.env.get(name):
             raise ConfigError(file_var, f"{name} and {file_var} are both set; set only one of them")
+        where = f"{file_var}={shown(path)}"
         try:
-            value = read_file(path).strip()
+            value = read_file(path)
         except (OSError, ValueError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise ConfigError(file_var, f"{file_var}={json.dumps(path)} cannot be read ({reason}); "
+            raise ConfigError(file_var, f"{where} cannot be read ({reason}); "
                                         f"expected the path of a readable file holding {name}") from None
-        if not value:
-            raise ConfigError(file_var, f"{file_var}={json.dumps(path)} is an empty file; "
-                                        f"expected a file holding {name}")
-        return value
+        if not value.strip():
+            raise ConfigError(file_var, f"{where} is an empty file; expected a file holding {name}")
+        problem = token_problem(value)
+        if problem:
+            raise ConfigError(file_var, f"{where}: the file {problem}; expected a file holding {name} and "
+                                        "nothing else (one token, surrounding whitespace ignored)")
+        return value.strip()
+
+
+MAX_SECRET_BYTES = 65536
+
+
+def token_problem(value: str) -> str:
+    """Why `value` does not look like one secret token, or "" (pure; never quotes the value).
+    Surrounding whitespace is ignored; inside, only printable ASCII without spaces."""
+    token = value.strip()
+    if not token:
+        return "is blank (only whitespace)"
+    if len(token) > MAX_SECRET_BYTES:
+        return f"is longer than {MAX_SECRET_BYTES} bytes"
+    if any(c.isspace() for c in token):
+        lines = len(token.splitlines())
+        return f"holds {lines} lines, not one token" if lines > 1 else "has whitespace inside, not one token"
+    if not all("!" <= c <= "~" for c in token):
+        return "has characters other than printable ASCII, not one token"
+    return ""
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def read_secret_file(path: str) -> str:
+    """A secret file's text: a regular file (or a symlink to one, as Kubernetes mounts Secrets) of at
+    most MAX_SECRET_BYTES. Opened without blocking, so a FIFO or a device cannot hang us; raises
+    ValueError naming the problem (never the content)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((k for test, k in _KINDS if test(mode)), "not a regular file")
+            raise ValueError(f"it is {kind}, not a regular file")
+        data = b""
+        while len(data) <= MAX_SECRET_BYTES:
+            chunk = os.read(fd, MAX_SECRET_BYTES + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+        if len(data) > MAX_SECRET_BYTES:
+            raise ValueError(f"it is larger than {MAX_SECRET_BYTES} bytes")
+    finally:
+        os.close(fd)
+    return data.decode("latin-1")  # every byte maps to one character; token_problem rejects non-ASCII
 
 
 def _read_text(path: str) -> str:
@@ -389,7 +511,7 @@ def _accept_dns(base: bool, extra: str, given: bool | None) -> tuple[bool | None
         try:
             value = parse_bool(raw)
         except ValueError:
-            return given, extra, [f"TS_EXTRA_ARGS contains --accept-dns={json.dumps(raw)}, which is not a valid "
+            return given, extra, [f"TS_EXTRA_ARGS contains --accept-dns={shown(raw)}, which is not a valid "
                                   "boolean value, ignoring it"]
     else:
         return given, extra, ["TS_EXTRA_ARGS contains --accept-dns, but it is not in the expected format "
@@ -468,11 +590,11 @@ def _pod_ips(text: str) -> tuple[IPAddress, ...]:
         try:
             out.append(parse_ip(part))
         except ValueError:
-            raise ValueError(f"has {json.dumps(part)}, which is not an IP address") from None
+            raise ValueError(f"has {shown(part)}, which is not an IP address") from None
     return tuple(out)
 
 
-def load(env: Mapping[str, str], read_file: Callable[[str], str] = _read_text) -> Settings:
+def load(env: Mapping[str, str], read_file: Callable[[str], str] = read_secret_file) -> Settings:
     """Parse and validate; raises ConfigError (the first problem, in upstream's order)."""
     e = _Env(env)
     in_k8s = bool(env.get("KUBERNETES_SERVICE_HOST"))
@@ -529,9 +651,9 @@ def load(env: Mapping[str, str], read_file: Callable[[str], str] = _read_text) -
         hostname=e.text("TS_HOSTNAME"),
         routes=routes,
         route_prefixes=route_prefixes,
-        dest_ip=e.parsed("TS_DEST_IP", parse_ip, None),
+        dest_ip=e.parsed("TS_DEST_IP", parse_host_ip, None),
         dest_dns_name=e.parsed("TS_EXPERIMENTAL_DEST_DNS_NAME", parse_dns_name, ""),
-        tailnet_target_ip=e.parsed("TS_TAILNET_TARGET_IP", parse_ip, None),
+        tailnet_target_ip=e.parsed("TS_TAILNET_TARGET_IP", parse_host_ip, None),
         tailnet_target_fqdn=e.parsed("TS_TAILNET_TARGET_FQDN", parse_dns_name, ""),
         tailscaled_extra_args=tuple(e.text("TS_TAILSCALED_EXTRA_ARGS").split()),
         extra_args=tuple(extra.split()),
@@ -639,6 +761,19 @@ def _validate(s: Settings) -> Settings:
     if s.ingress_proxies_config_path and not in_kube_store:
         raise fail("TS_INGRESS_PROXIES_CONFIG_PATH",
                    "TS_INGRESS_PROXIES_CONFIG_PATH is only supported for Tailscale running on Kubernetes")
+    # Features the operator relies on that are read but not built yet: say so at every start, never
+    # look as if they worked (the README's Variables table says the same).
+    for name, value, missing in (
+            ("TS_EGRESS_PROXIES_CONFIG_PATH", s.egress_proxies_config_path,
+             "no egress-service rules are installed and no egress-services status is written"),
+            ("TS_INGRESS_PROXIES_CONFIG_PATH", s.ingress_proxies_config_path,
+             "no ingress-service rules are installed and no ingress-config.json status is written"),
+            ("TS_EXPERIMENTAL_CERT_SHARE", s.cert_share,
+             "tailscaled gets TS_CERT_SHARE_MODE, but containerboot runs no certificate loops"),
+            ("TS_EXPERIMENTAL_SERVICE_AUTO_ADVERTISEMENT", s.serve_config and s.service_auto_advertisement,
+             "Tailscale Services in the serve config are not advertised (they are unadvertised at shutdown)")):
+        if value:
+            notes.append(f"[warning] {name} is not implemented yet in this containerboot: {missing}")
     if s.state_dir == "" and not s.kube_secret and not s.config_dir and (s.authkey or s.client_secret):
         notes.append("[warning] TS_STATE_DIR is not set: node state is kept in memory, so every restart "
                      "registers a new device; mount a volume and set TS_STATE_DIR to keep the node")

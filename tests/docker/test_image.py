@@ -214,3 +214,23 @@ def test_stop_restart_with_state_volume_and_health(lab: Lab) -> None:
     assert lab.tailnet_ip(second) == ip
     assert len(json.loads(lab.hs("nodes", "list", "-o", "json"))) == nodes
     assert "--authkey" not in lab.logs(second)
+
+
+def test_operator_init_container_runs_sysctl(lab: Lab) -> None:
+    # The operator's `sysctler` init container runs `sysctl -w net.ipv4.ip_forward=1` with the proxy image,
+    # privileged. --privileged fails on this machine, so the writable /proc/sys comes from systempaths.
+    proc = docker("run", "--rm", "--cap-add", "NET_ADMIN", "--security-opt", "systempaths=unconfined",
+                  "--network", lab.network, "--entrypoint", "/bin/sh", IMAGE, "-c",
+                  "sysctl -w net.ipv4.ip_forward=1 && cat /proc/sys/net/ipv4/ip_forward", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["net.ipv4.ip_forward = 1", "1"], proc.stdout
+
+
+def test_old_manifests_entrypoint_run_sh(lab: Lab) -> None:
+    # Manifests written for older images start /tailscale/run.sh; it must be the same program.
+    link = docker("run", "--rm", "--entrypoint", "readlink", IMAGE, "-f", "/tailscale/run.sh").stdout.strip()
+    assert link == "/usr/local/bin/containerboot"
+    proc = docker("run", "--rm", "-e", "TS_BOOT_TIMEOUT=bogus", "--entrypoint", "/tailscale/run.sh", IMAGE,
+                  check=False)
+    assert proc.returncode == 1
+    assert "TS_BOOT_TIMEOUT" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
