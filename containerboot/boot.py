@@ -672,6 +672,8 @@ class Boot:
         # the operator publishes them as the Service's endpoint.
         self.store_device_id()
         self.resolve_egress()
+        if self.s.tailnet_target_fqdn and not self.egress:
+            return  # like upstream: nothing more (no rules, no device_fqdn) until the target resolves
         self.resolve_backends(force=self.applied is None)
         if self.node.addrs:
             self.reconcile()

@@ -158,9 +158,11 @@ class Tailnet:
         self.lab.route(ns, "default", "198.18.0.1")
         return ns
 
-    def private_run(self, ns: str, argv: list[str]) -> list[str]:
-        """argv in `ns` with a private tmpfs on /run (ip netns exec already gives a private mount table)."""
-        return [IP, "netns", "exec", ns, "sh", "-c", 'mount -t tmpfs tmpfs /run && exec "$0" "$@"', *argv]
+    def private_run(self, ns: str, argv: list[str], setup: str = "") -> list[str]:
+        """argv in `ns` with a private tmpfs on /run (ip netns exec already gives a private mount table);
+        `setup` (shell) runs after that mount, before argv."""
+        return [IP, "netns", "exec", ns, "sh", "-c", f'mount -t tmpfs tmpfs /run && {setup or ":"} && exec "$0" "$@"',
+                *argv]
 
     # ---- control ------------------------------------------------------------------------------------
 
