@@ -48,16 +48,6 @@ class Event:
     at: float = field(default_factory=time.monotonic)  # when it arrived, for the "our share" figure
 
 
-def go_duration(seconds: float) -> str:
-    """Seconds as Go's time.Duration prints a whole number of them: 0s, 45s, 1m5s, 1h0m0s."""
-    total = int(seconds)
-    h, rest = divmod(total, 3600)
-    m, sec = divmod(rest, 60)
-    if h:
-        return f"{h}h{m}m{sec}s"
-    return f"{m}m{sec}s" if m else f"{sec}s"
-
-
 def _state_store(s: Settings) -> str:
     if s.config_file:
         return f"tailscaled config file {s.config_file}"
@@ -320,7 +310,8 @@ class Boot:
                 next_poll = time.monotonic() + REISSUE_POLL
             key = configdir.authkey(self.s.config_file)
             if key and key != self.config_authkey:
-                log.info(f"New auth key received from operator after {go_duration(round(time.monotonic() - start))}")
+                waited = log.go_duration(round(time.monotonic() - start))
+                log.info(f"New auth key received from operator after {waited}")
                 try:
                     existing = store.get() or {}
                     store.patch(kube.clear_reissue_patch(existing))
@@ -328,7 +319,7 @@ class Boot:
                     log.info(f"Warning: failed to clear reissue request: error getting state secret: {exc}")
                 raise Exit(0, "Successfully received new auth key, restarting to apply configuration")
             if watch is None or watch.mode != "inotify":
-                log.info(f"Waiting for new auth key from operator ({go_duration(round(time.monotonic() - start))} "
+                log.info(f"Waiting for new auth key from operator ({log.go_duration(round(time.monotonic() - start))} "
                          "elapsed)")
 
     # ---- tailscaled config file (TS_EXPERIMENTAL_VERSIONED_CONFIG_DIR) -------------------------------
@@ -623,13 +614,17 @@ class Boot:
             delay = min(2.0 ** self.dns_failures, DNS_REFRESH_SECONDS)
             self.dns_failures += 1
             log.info(f"[unexpected] error resolving DNS name {name}: {exc}")
-            log.info(f"reconfigureTimer: last DNS resolution attempt failed, next DNS resolution attempt in {delay:g}s")
+            log.info("reconfigureTimer: last DNS resolution attempt failed, next DNS resolution attempt in "
+                     f"{log.go_duration(delay)}")
             self.next_dns = time.monotonic() + delay
             return
         self.dns_failures = 0
         self.next_dns = time.monotonic() + DNS_REFRESH_SECONDS
         if found != self.backends:
-            log.info(f"{name} resolves to {', '.join(map(str, found))}")
+            if self.backends:
+                log.info(f"Backend address change detected, installing proxy rules for backends {log.go_list(found)}")
+            else:
+                log.info(f"installing ingress proxy rules for backends {log.go_list(found)}")
             self.backends = found
 
     def note(self, text: str) -> None:

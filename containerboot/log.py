@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any, TextIO
 
 import structlog
@@ -33,6 +34,26 @@ def _json(_: Any, method: str, event: MutableMapping[str, Any]) -> str:
 def _stamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     event.setdefault("ts", time.time())
     return event
+
+
+def go_duration(seconds: float) -> str:
+    """A whole number of seconds as Go's time.Duration prints it: 0s, 45s, 1m5s, 1h0m0s."""
+    total = int(seconds)
+    h, rest = divmod(total, 3600)
+    m, sec = divmod(rest, 60)
+    if h:
+        return f"{h}h{m}m{sec}s"
+    return f"{m}m{sec}s" if m else f"{sec}s"
+
+
+def go_list(items: Iterable[object]) -> str:
+    """A slice as Go's %v prints it: [a b c]."""
+    return "[" + " ".join(map(str, items)) + "]"
+
+
+def go_prefixes(addrs: Iterable[IPv4Address | IPv6Address]) -> str:
+    """Single addresses as the []netip.Prefix upstream prints: [100.64.0.1/32 fd7a:115c:a1e0::1/128]."""
+    return go_list(f"{a}/{a.max_prefixlen}" for a in addrs)
 
 
 def setup(fmt: str = "text", stream: TextIO | None = None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from containerboot.log import go_list, go_prefixes
 from containerboot.settings import Settings
 from firewall.model import Dnat, DnatNonTailnet, IPAddress, MssClamp, Plan, Rule, Snat
 
@@ -50,7 +51,7 @@ def plan(settings: Settings, inputs: Inputs, families: Iterable[int] = (4, 6)) -
         local = _local(addrs, dst.version)
         if local is None:
             raise ProxyError(f"installing ingress proxy rules: no tailscale IP matching family of {dst} "
-                             f"found in [{' '.join(map(str, addrs))}]")
+                             f"found in {go_prefixes(addrs)}")
         if dst.version == 6 and _local(addrs, 4):
             notes.append("Warning: proxy backend ClusterIP is an IPv6 address and the proxy has a IPv4 tailnet "
                          "address. You might need to disable IPv4 address allocation for the proxy for "
@@ -63,22 +64,23 @@ def plan(settings: Settings, inputs: Inputs, families: Iterable[int] = (4, 6)) -
         if backends and local:
             rules += [Dnat(local, backends), MssClamp(fam)]
         elif backends:
-            notes.append(f"{settings.dest_dns_name} has IPv{fam} backends but this node has no IPv{fam} "
-                         "tailnet address; not forwarding them")
+            notes.append(f"backend targets {go_list(inputs.dest_backends)} contain at least one IPv{fam} address, "
+                         f"but this node's Tailscale IPs do not contain a valid IPv{fam} address: "
+                         f"{go_prefixes(addrs)}")
 
     installed_egress = False
     for fam in (4, 6):
         targets = [t for t in inputs.egress_targets if t.version == fam]
         local = _local(addrs, fam)
-        if not targets or not local:
+        if not targets or not local or fam not in usable:  # upstream: IPv6 only where the host has IPv6 NAT
             continue
         if len(targets) > 1:
             notes.append(f"egress target has {len(targets)} IPv{fam} addresses; forwarding to {targets[0]}")
         rules += [DnatNonTailnet(targets[0]), Snat(targets[0], local), MssClamp(fam)]
         installed_egress = True
     if inputs.egress_targets and not installed_egress:
-        raise ProxyError(f"no forwarding rules for egress addresses [{' '.join(map(str, inputs.egress_targets))}],"
-                         f" host supports IPv6: {6 in usable}")
+        raise ProxyError(f"no forwarding rules for egress addresses {go_prefixes(inputs.egress_targets)}, "
+                         f"host supports IPv6: {'true' if 6 in usable else 'false'}")
 
     if settings.allow_cluster_traffic_via_ingress and settings.pod_ip:
         local = _local(addrs, settings.pod_ip.version)

@@ -327,7 +327,7 @@ def test_dest_dns_name_is_resolved_and_a_failure_is_retried(root: Root, start: C
     addrs = lookup("localhost")  # what this machine's resolver says (/etc/hosts may or may not map ::1)
     root.api.notify(netmap(["100.64.0.1/32", "fd7a:115c:a1e0::1/128"]))
     run = start(TS_USERSPACE="false", TS_EXPERIMENTAL_DEST_DNS_NAME="localhost")
-    run.wait_log(f"localhost resolves to {', '.join(map(str, addrs))}")
+    run.wait_log(f"installing ingress proxy rules for backends [{' '.join(map(str, addrs))}]")
     run.wait_log("Installing proxy rules")
     rules = 2 * len({a.version for a in addrs})  # a DNAT and an MSS clamp per family
     run.wait_log(f"firewall: {rules} rules live in iptables for 100.64.0.1, fd7a:115c:a1e0::1")

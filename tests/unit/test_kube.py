@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from containerboot import configdir, kube
-from containerboot.boot import go_duration
+from containerboot.log import go_duration
 from containerboot.settings import CAPABILITY_VERSION, load
 
 
