@@ -2,11 +2,15 @@
 # Builds the real components at the versions pinned in versions.env into a cache directory:
 #   $CACHE/bin/tailscale-$TAILSCALE_VERSION/{tailscale,tailscaled,containerboot}   (containerboot: upstream's, for the benchmark)
 #   $CACHE/bin/headscale-$HEADSCALE_VERSION/headscale
+#   $CACHE/bin/etcd-$ETCD_VERSION/etcd                                  (for tests/lab/kubeapi.py)
+#   $CACHE/bin/kubernetes-$KUBERNETES_VERSION/kube-apiserver            (for tests/lab/kubeapi.py)
 # Module downloads and the Go build cache live under $CACHE too, so a warm machine builds nothing.
-# Prints the two directories. CACHE defaults to /var/cache/containerboot (CONTAINERBOOT_CACHE overrides).
+# Prints the four directories, in that order. CACHE defaults to /var/cache/containerboot (CONTAINERBOOT_CACHE overrides).
 # With --image it builds only the image's tailscaled (the CLI linked in: it acts as `tailscale` when called
 # by that name; see IMAGE_TAGS) into $CACHE/bin/tailscaled-image-..., and prints that directory.
-# TAILSCALE_VERSION and HEADSCALE_VERSION in the environment override versions.env.
+# TAILSCALE_VERSION and HEADSCALE_VERSION in the environment override versions.env. etcd and Kubernetes are
+# built from the modules committed under scripts/gomod/, whose go.mod and go.sum pin their versions and every
+# dependency; those versions must agree with versions.env (checked below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want_ts=${TAILSCALE_VERSION:-}
@@ -19,7 +23,9 @@ CACHE=${CONTAINERBOOT_CACHE:-/var/cache/containerboot}
 export GOMODCACHE=$CACHE/go/mod GOCACHE=$CACHE/go/build GOTOOLCHAIN=local GOFLAGS=-mod=mod
 ts=$CACHE/bin/tailscale-$TAILSCALE_VERSION
 hs=$CACHE/bin/headscale-$HEADSCALE_VERSION
-mkdir -p "$ts" "$hs"
+etcd=$CACHE/bin/etcd-$ETCD_VERSION
+k8s=$CACHE/bin/kubernetes-$KUBERNETES_VERSION
+mkdir -p "$ts" "$hs" "$etcd" "$k8s"
 
 build_tailscale() {
   [ -x "$ts/tailscale" ] && [ -x "$ts/tailscaled" ] && [ -x "$ts/containerboot" ] && return
@@ -45,6 +51,53 @@ MOD
   rm -rf "$tmp"
 }
 
+# Builds main packages of the committed module in scripts/gomod/$1 into directory $2 (args 3...: ldflags, then
+# packages). -mod=readonly: the committed go.mod and go.sum are used as they are, never updated, so the build
+# is the same on every machine. CGO_ENABLED=0 as in etcd's and Kubernetes' own release builds of these
+# commands (static binaries). The binaries are linked into a temporary directory and moved into place, so an
+# interrupted build leaves no half-written binary for the next run to skip.
+build_module() {
+  local mod=scripts/gomod/$1 out=$2 ldflags=$3 tmp
+  shift 3
+  tmp=$(mktemp -d "$out/.build.XXXXXX")
+  (cd "$mod" && CGO_ENABLED=0 go build -mod=readonly -ldflags "$ldflags" -o "$tmp/" "$@")
+  mv "$tmp"/* "$out/"
+  rmdir "$tmp"
+}
+
+# Fails when the committed module $1 requires $2 at another version than versions.env pins ($3).
+check_pin() {
+  grep -qE "^require $2 $3\$" "scripts/gomod/$1/go.mod" && return
+  echo "scripts/gomod/$1/go.mod does not require $2 $3 (versions.env): update it as its header says" >&2
+  return 1
+}
+
+build_etcd() {
+  [ -x "$etcd/etcd" ] && return
+  check_pin etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
+  build_module etcd "$etcd" "-s -w" go.etcd.io/etcd/server/v3
+  mv "$etcd/server" "$etcd/etcd"  # go build names it after the path's last element before the /v3 suffix
+}
+
+# The Kubernetes commands to build. The module's tools.go also imports kubelet, kube-proxy,
+# kube-controller-manager and kube-scheduler, so go.sum covers them: adding one here is all it takes.
+K8S_COMMANDS=(kube-apiserver)
+
+build_kubernetes() {
+  local c pkgs=()
+  for c in "${K8S_COMMANDS[@]}"; do
+    [ -x "$k8s/$c" ] || pkgs+=("k8s.io/kubernetes/cmd/$c")
+  done
+  [ ${#pkgs[@]} -eq 0 ] && return
+  check_pin kubernetes k8s.io/kubernetes "$KUBERNETES_VERSION"
+  # The version stamped in as Kubernetes' own build does (hack/lib/version.sh); without it the server reports
+  # v0.0.0 to its clients.
+  local v=k8s.io/component-base/version minor=${KUBERNETES_VERSION#v1.}
+  minor=${minor%%.*}
+  build_module kubernetes "$k8s" "-s -w -X $v.gitVersion=$KUBERNETES_VERSION -X $v.gitMajor=1 -X $v.gitMinor=$minor" \
+    "${pkgs[@]}"
+}
+
 # The image's tailscaled: the CLI linked in (ts_include_cli) and, left out, only what a Linux container
 # cannot use (desktop integrations, appliances, Wake-on-LAN, layer 2, BGP, self-update, shell completion).
 IMAGE_TAGS=ts_include_cli,ts_omit_systray,ts_omit_dbus,ts_omit_networkmanager,ts_omit_synology
@@ -64,7 +117,14 @@ fi
 
 build_tailscale & t=$!
 build_headscale & h=$!
+build_etcd & e=$!
 wait $t
 wait $h
+wait $e
+# kube-apiserver alone: it is the largest build (about 6 minutes on 2 cores, 2.4 GB at its peak), and running
+# it next to the others would add their memory to that peak for no gain in time on a small machine.
+build_kubernetes
 echo "$ts"
 echo "$hs"
+echo "$etcd"
+echo "$k8s"
