@@ -46,8 +46,20 @@ trap 'rm -f "$socket"; exit 0' TERM INT
 while true; do sleep 1 & wait $!; done
 """
 
+# containerboot passes secret flags as file:<path> (a memfd at /proc/self/fd/N, or a file in a private
+# containerboot-* directory); like the real CLI this fake reads them, so the recorded command line shows
+# the value they stand for. Any other argument is recorded as given.
 FAKE_CLI = """#!/usr/bin/env bash
-echo "$0 $@" >> "$TS_TEST_RECORD_ARGS"
+args=()
+for a in "$@"; do
+  case "$a" in
+    --authkey=file:/proc/self/fd/*|--client-secret=file:/proc/self/fd/*|--id-token=file:/proc/self/fd/*|\
+    --authkey=file:*/containerboot-*|--client-secret=file:*/containerboot-*|--id-token=file:*/containerboot-*)
+      a="${a%%=*}=$(cat "${a#*=file:}")" ;;
+  esac
+  args+=("$a")
+done
+echo "$0 ${args[*]}" >> "$TS_TEST_RECORD_ARGS"
 exit ${TS_TEST_CLI_EXIT:-0}
 """
 
@@ -58,8 +70,8 @@ def netmap(addrs: list[str], state: str | None = "Running", name: str = "test-no
     status: dict[str, Any] = {
         "BackendState": state or "",
         "TailscaleIPs": addrs,
-        "Self": {"ID": "myID", "NodeID": 1, "PublicKey": "nodekey:00", "DNSName": name, "TailscaleIPs": addrs},
-        "Peer": {f"nodekey:{p['ID']:02x}": {"ID": f"peer{p['ID']}", "NodeID": p["ID"], "DNSName": p["Name"],
+        "Self": {"ID": "myID", "NodeID": 1, "PublicKey": f"nodekey:{0:064x}", "DNSName": name, "TailscaleIPs": addrs},
+        "Peer": {f"nodekey:{p['ID']:064x}": {"ID": f"peer{p['ID']}", "NodeID": p["ID"], "DNSName": p["Name"],
                                             "TailscaleIPs": [a.split("/")[0] for a in p["Addresses"]]}
                  for p in peers or []},
         "CertDomains": cert_domains or [],
