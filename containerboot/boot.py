@@ -7,12 +7,14 @@ events one at a time. Decisions about rules are the pure `proxy.plan`; this modu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -82,6 +84,8 @@ class Boot:
         self.env: dict[str, str] = {}
         self.netmap_at = 0.0
         self.stop_requested = 0  # the signal that asked us to stop, seen by blocking CLI calls
+        self.blocking = False  # inside interruptible(): a signal raises Exit(0) right there
+        self.boot_deadline = time.monotonic() + s.boot_timeout  # set again when the boot starts
         self.started = False
         # Kubernetes state Secret: usable only in Kubernetes with patch rights (upstream's hasKubeStateStore).
         self.kube: kube.SecretStore | None = None
@@ -175,10 +179,12 @@ class Boot:
             client = kube.Client(s.root_path(kube.SA_DIR), host, port, stop=lambda: bool(self.stop_requested))
         except kube.KubeError as exc:
             raise Exit(1, f"error initializing kube client: {exc}") from exc
+        client.deadline = self.boot_deadline
         store = kube.SecretStore(client, s.kube_secret)
         try:
-            store.check_permissions(log.info)
-            existing = store.get()
+            with self.interruptible():
+                store.check_permissions(log.info)
+                existing = store.get()
             if existing is None and not store.can_create:
                 raise kube.KubeError(
                     f"tailscale state Secret {s.kube_secret} does not exist and we don't have permissions to create "
@@ -200,7 +206,8 @@ class Boot:
             self.authkey_from_secret(existing)
         if self.kube_store is not None and existing is not None:
             try:
-                store.patch(kube.reset_patch(existing, s.pod_uid, self.config_authkey))
+                with self.interruptible():
+                    store.patch(kube.reset_patch(existing, s.pod_uid, self.config_authkey))
             except kube.KubeError as exc:
                 raise Exit(1, f"error clearing previous state from Secret: failed to read state Secret "
                               f"{json.dumps(s.kube_secret)} to reset state: {exc}") from exc
@@ -229,7 +236,8 @@ class Boot:
         if store is None or self.node.stable_id == self.stored_id:
             return
         try:
-            store.patch({kube.KEY_DEVICE_ID: self.node.stable_id.encode()})
+            with self.interruptible():
+                store.patch({kube.KEY_DEVICE_ID: self.node.stable_id.encode()})
         except kube.KubeError as exc:
             raise Exit(1, f"storing device ID in Kubernetes Secret: {exc}") from exc
         self.stored_id = self.node.stable_id
@@ -240,7 +248,8 @@ class Boot:
         if store is None or endpoints == self.stored_endpoints:
             return
         try:
-            store.patch(kube.endpoints_patch(*endpoints))
+            with self.interruptible():
+                store.patch(kube.endpoints_patch(*endpoints))
         except kube.KubeError as exc:
             raise Exit(1, f"storing device IPs and FQDN in Kubernetes Secret: {exc}") from exc
         self.stored_endpoints = endpoints
@@ -254,7 +263,7 @@ class Boot:
         logged, delay = False, 0.1
         while time.monotonic() < deadline:
             try:
-                data = store.get()
+                data = store.get(deadline)
             except kube.KubeError as exc:
                 log.info(f'Error waiting for consistent state on shutdown: getting Secret "{self.s.kube_secret}": '
                          f"{exc}")
@@ -274,6 +283,7 @@ class Boot:
         """The config file's key was refused: ask the operator for a new one and wait for it (10 min)."""
         store = self.kube_store
         assert store is not None
+        store.client.deadline = None  # the wait for a new key has its own 10 minutes, not the boot deadline
         log.info(reason)
         try:
             self.api.json("POST", "/localapi/v0/disconnect-control")
@@ -282,7 +292,8 @@ class Boot:
                           f"control: {exc}") from exc
         log.info("Requesting a new auth key from operator")
         try:
-            store.patch({kube.KEY_REISSUE: self.config_authkey.encode()})
+            with self.interruptible():
+                store.patch({kube.KEY_REISSUE: self.config_authkey.encode()})
         except kube.KubeError as exc:
             raise Exit(1, "failed to get a reissued authkey: failed to set reissue_authkey in Kubernetes Secret: "
                           f"{exc}") from exc
@@ -313,8 +324,9 @@ class Boot:
                 waited = log.go_duration(round(time.monotonic() - start))
                 log.info(f"New auth key received from operator after {waited}")
                 try:
-                    existing = store.get() or {}
-                    store.patch(kube.clear_reissue_patch(existing))
+                    with self.interruptible():
+                        existing = store.get() or {}
+                        store.patch(kube.clear_reissue_patch(existing))
                 except kube.KubeError as exc:
                     log.info(f"Warning: failed to clear reissue request: error getting state secret: {exc}")
                 raise Exit(0, "Successfully received new auth key, restarting to apply configuration")
@@ -357,6 +369,22 @@ class Boot:
     def on_signal(self, signum: int, _frame: Any) -> None:
         self.stop_requested = signum
         self.events.put(Event("signal", signum))
+        if self.blocking:
+            # The main thread is inside a network call that may block for seconds (an API server that
+            # accepts and never answers): raising here aborts the system call, so SIGTERM is honoured now.
+            self.blocking = False
+            raise Exit(0, f"Received {signal.Signals(signum).name}, shutting down")
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A blocking call in the main thread that a shutdown signal may abort."""
+        if self.stop_requested:
+            raise Exit(0, f"Received {signal.Signals(self.stop_requested).name}, shutting down")
+        self.blocking = True
+        try:
+            yield
+        finally:
+            self.blocking = False
 
     def on_tailscaled_exit(self, code: int) -> None:
         self.events.put(Event("tailscaled-exit", code))
@@ -460,7 +488,7 @@ class Boot:
 
     def start(self) -> None:
         s = self.s
-        deadline = time.monotonic() + s.boot_timeout
+        deadline = self.boot_deadline
         log.info("Starting tailscaled")
         self.child = tailscaled.Tailscaled(tailscaled.tailscaled_argv(s), self.env, self.on_tailscaled_exit)
         log.info(f"Waiting for tailscaled socket at {s.socket}")
@@ -505,11 +533,14 @@ class Boot:
             # The key is no longer needed once the node is logged in; a reusable one should not linger.
             log.info("Deleting authkey from Kubernetes Secret")
             try:
-                store.delete_authkey()
+                with self.interruptible():
+                    store.delete_authkey()
             except kube.KubeError as exc:
                 raise Exit(1, f"deleting authkey from Kubernetes Secret: {exc}") from exc
         self.open_watch(ipn.WATCH_MASK)
         self.start_config_watch()
+        if self.kube is not None:
+            self.kube.client.deadline = None  # steady state: each call bounded by its own timeout only
 
     def login(self, deadline: float) -> None:
         log.info("Running 'tailscale up'")
@@ -692,7 +723,8 @@ class Boot:
         store = self.kube_store
         if updated and store is not None:
             try:
-                store.patch({kube.KEY_HTTPS_ENDPOINT: self.node.cert_domain.encode()})
+                with self.interruptible():
+                    store.patch({kube.KEY_HTTPS_ENDPOINT: self.node.cert_domain.encode()})
             except kube.KubeError as exc:
                 raise Exit(1, f"serve proxy: error storing HTTPS endpoint: {exc}") from exc
 
@@ -778,6 +810,8 @@ class Boot:
             self.prepare_host()
             self.env = self.prepare_firewall()
             log.info(self.summary())
+            # Like upstream's bootCtx: the Kubernetes setup, tailscaled's start and the login share one deadline.
+            self.boot_deadline = time.monotonic() + self.s.boot_timeout
             self.setup_kube()
             self.start()
             self.run_loop()

@@ -169,6 +169,7 @@ class Client:
                             f"certificate: {exc.reason or exc}") from None
         self._token = ""
         self._token_read = 0.0
+        self.deadline: float | None = None  # while set (the boot deadline), no call runs past it
         self._conn: http.client.HTTPSConnection | None = None
         self._lock = threading.Lock()  # the serve watcher and the main loop may share the client
 
@@ -208,17 +209,20 @@ class Client:
             self._conn = None
 
     def _once(self, method: str, path: str, body: bytes | None, content_type: str,
-              token: str) -> tuple[int, str, bytes]:
+              token: str, timeout: float) -> tuple[int, str, bytes]:
         headers = {"Authorization": f"Bearer {token}", "Accept": "application/json",
                    "User-Agent": "containerboot"}
         if body is not None:
             headers["Content-Type"] = content_type
         conn = self._connection()
+        conn.timeout = timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
         try:
             conn.request(method, path, body=body, headers=headers)
             resp = conn.getresponse()
             data = resp.read(MAX_BODY + 1)
-        except (OSError, http.client.HTTPException):
+        except BaseException:  # a timeout, a reset, or a signal raised into us: the connection is unusable
             self._drop()
             raise
         if len(data) > MAX_BODY or resp.will_close:
@@ -226,21 +230,30 @@ class Client:
         return resp.status, resp.reason, data
 
     def request(self, method: str, path: str, payload: Any = None,
-                content_type: str = "application/json") -> Any:
-        """One API call: the decoded JSON answer, or KubeError with the Status message on one line."""
+                content_type: str = "application/json", deadline: float | None = None) -> Any:
+        """One API call: the decoded JSON answer, or KubeError with the Status message on one line.
+        Each attempt is bounded by the client's timeout and, if given, by `deadline` (time.monotonic)."""
         body = None if payload is None else json.dumps(payload).encode()
         last = ""
         retried_401 = False
         attempt = 0
         with self._lock:
+            if deadline is None:
+                deadline = self.deadline
             while attempt < ATTEMPTS:
                 if attempt and self.stop():
                     raise KubeError(f"{method} {path}: interrupted by a shutdown signal")
+                timeout = self.timeout
+                if deadline is not None:
+                    timeout = min(timeout, deadline - time.monotonic())
+                    if timeout <= 0:
+                        raise KubeError(f"{method} {path}: {last + '; ' if last else ''}out of time (the boot or "
+                                        "shutdown deadline passed)")
                 attempt += 1
                 try:
-                    status, reason, data = self._once(method, path, body, content_type, self.token())
+                    status, reason, data = self._once(method, path, body, content_type, self.token(), timeout)
                 except (OSError, http.client.HTTPException) as exc:
-                    last = (f"no answer from https://{self.host}:{self.port} within {self.timeout:g}s"
+                    last = (f"no answer from https://{self.host}:{self.port} within {timeout:g}s"
                             if isinstance(exc, (TimeoutError, socket.timeout)) else f"{type(exc).__name__}: {exc}")
                     self._pause(attempt)
                     continue
@@ -285,8 +298,8 @@ class Client:
         answer = self.request("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", review)
         return bool(isinstance(answer, dict) and (answer.get("status") or {}).get("allowed"))
 
-    def get_secret(self, name: str) -> dict[str, bytes]:
-        answer = self.request("GET", self._secret_path(name))
+    def get_secret(self, name: str, deadline: float | None = None) -> dict[str, bytes]:
+        answer = self.request("GET", self._secret_path(name), deadline=deadline)
         return decode_data(name, answer.get("data") if isinstance(answer, dict) else None)
 
     def patch_secret(self, name: str, data: Mapping[str, bytes | None]) -> None:
@@ -350,10 +363,10 @@ class SecretStore:
                 return
             setattr(self, f"can_{verb}", ok)
 
-    def get(self) -> dict[str, bytes] | None:
+    def get(self, deadline: float | None = None) -> dict[str, bytes] | None:
         """The Secret's data, or None when it does not exist."""
         try:
-            return self.client.get_secret(self.name)
+            return self.client.get_secret(self.name, deadline)
         except KubeError as exc:
             if exc.not_found:
                 return None

@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -305,3 +308,87 @@ def test_secret_matches_upstreams(kubeapi: KubeAPI) -> None:
                 run.stop()
     assert results["ours"] == results["upstream"], results
     assert {"device_id", "device_fqdn", "device_ips", "tailscale_capver", "pod_uid"} <= set(results["ours"])
+
+
+class BadServer:
+    """An HTTPS server with the API server's certificate that answers every request with 500 (a k8s Status),
+    or accepts and never answers. The real server cannot be made to fail like this, so this stands in."""
+
+    def __init__(self, api: KubeAPI, mode: str) -> None:
+        self.mode, self.requests = mode, 0
+        self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.tls.load_cert_chain(str(api.dir / "serving.crt"), str(api.dir / "serving.key"))
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.closed = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.mode == "hang":
+                self.held.append(conn)  # never read, never answered
+                continue
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        try:
+            with self.tls.wrap_socket(conn, server_side=True) as tls:
+                tls.settimeout(5)
+                while tls.recv(65536).find(b"\r\n\r\n") < 0:
+                    pass
+                self.requests += 1
+                body = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 500,
+                                   "message": "etcdserver: request timed out"}).encode()
+                tls.sendall(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+        for c in self.held:
+            c.close()
+
+
+@pytest.mark.parametrize("mode", ["500", "hang"])
+def test_failing_api_server_is_one_line_with_bounded_retries(pod: Pod, start: Callable[..., Run], mode: str) -> None:
+    bad = BadServer(pod.api, mode)
+    try:
+        began = time.monotonic()
+        run = start(pod, **{**PROXY, "KUBERNETES_SERVICE_PORT_HTTPS": str(bad.port), "TS_BOOT_TIMEOUT": "12s"})
+        assert run.wait_exit(40) == 1
+        took = time.monotonic() - began
+        errors = [ln for ln in run.lines if "error setting up for running on Kubernetes" in ln]
+        assert len(errors) == 1 and "Traceback" not in run.output, run.output
+        if mode == "500":
+            # SSARs for get, update, patch (an error asking is logged, as upstream), then the GET: 3 attempts each.
+            assert "etcdserver: request timed out (gave up after 3 attempts)" in errors[0] and bad.requests == 12
+            assert took < 15
+        else:
+            # Every attempt is cut at 5 s, and the whole setup by the boot deadline.
+            assert "deadline passed" in errors[0] and "no answer from https://127.0.0.1" in run.output
+            assert took < 14
+        assert not pod.root.args(), "tailscaled must not start"
+    finally:
+        bad.close()
+
+
+def test_sigterm_during_a_hung_api_call_exits_at_once(pod: Pod, start: Callable[..., Run]) -> None:
+    bad = BadServer(pod.api, "hang")
+    try:
+        run = start(pod, **{**PROXY, "KUBERNETES_SERVICE_PORT_HTTPS": str(bad.port)})
+        assert wait_for(lambda: bad.held, 10)
+        time.sleep(0.5)
+        began = time.monotonic()
+        run.proc.send_signal(signal.SIGTERM)
+        assert run.wait_exit(10) == 0
+        assert time.monotonic() - began < 1.0
+        run.wait_log("Received SIGTERM, shutting down")
+    finally:
+        bad.close()
