@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.lab.kubeapi import KubeAPI
+from tests.lab.kubeapi import have_binaries as have_kube_binaries
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -38,3 +42,21 @@ def containerboot_exe() -> str:
 def python_exe() -> str:
     exe = VENV_BIN / "python"
     return str(exe) if exe.exists() else "python3"
+
+
+# ---- a real kube-apiserver (tests/lab/kubeapi.py), shared by the kube and e2e layers ----------------------
+# `kubeapi`: one etcd and kube-apiserver for the whole session (about 3 s to start). `kns`: a fresh namespace
+# for one test; it is not deleted afterwards, as deleting one would leave it Terminating (no controller-manager
+# runs), and the whole server goes at the end of the session. The binaries come from scripts/build-go.sh.
+
+
+@pytest.fixture(scope="session")
+def kubeapi() -> Iterator[KubeAPI]:
+    need(have_kube_binaries(), "needs etcd and kube-apiserver: run scripts/build-go.sh")
+    with KubeAPI() as server:
+        yield server
+
+
+@pytest.fixture
+def kns(kubeapi: KubeAPI) -> str:
+    return kubeapi.create_namespace()
