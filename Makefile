@@ -15,6 +15,7 @@ lint:
 bench: go
 	$(PY) bench/bench_apply.py
 	$(PY) bench/bench_boot.py
+	$(PY) bench/bench_kube.py
 
 go:
 	scripts/build-go.sh >/dev/null

@@ -1,73 +1,23 @@
 """Real tailscaled keeping its state in a Kubernetes Secret (`--state=kube:`) on a real kube-apiserver,
 with containerboot beside it, in the tailnet lab.
-
-The API server listens on the machine's loopback; a node's namespace has its own loopback, so a socat
-pair carries 127.0.0.1:<port> inside the node's namespace to the server through a unix socket (the
-filesystem is shared, the network is not). Each node gets a private /run holding the service-account
-files at the fixed path (/var/run is /run here), as a Pod's mount would, and reaches the server through
-TS_KUBERNETES_READ_API_SERVER_ADDRESS_FROM_ENV=true with KUBERNETES_SERVICE_HOST/_PORT_HTTPS.
 """
 
 from __future__ import annotations
 
 import json
-import shlex
 import signal
-import subprocess
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import Booted, site
-from tests.lab.fakes import wait_for
-from tests.lab.kubeapi import PROXIES_ROLE_RULES, KubeAPI
+from tests.lab.fakes import kubelet_publish, wait_for
+from tests.lab.kubeapi import KubeAPI
+from tests.lab.kubepod import KubePod
 from tests.lab.tailnet import CONTROL, Tailnet
-from tests.lifecycle.test_follow import kubelet_publish
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kube]
-
-SA = "/run/secrets/kubernetes.io/serviceaccount"
-
-
-class KubePod:
-    """What a Pod of the operator's proxies has: a service account with the proxies' Role, its files,
-    and a way to the API server from inside the node's namespace."""
-
-    def __init__(self, net: Tailnet, api: KubeAPI, ns: str, node_ns: str, secret: str) -> None:
-        self.net, self.api, self.ns, self.secret_name = net, api, ns, secret
-        api.create_service_account(ns, "proxies")
-        api.create_role(ns, "proxies", PROXIES_ROLE_RULES)
-        api.bind_role(ns, "proxies", "proxies", "proxies")
-        api.create_secret(ns, secret, {})
-        self.dir = Path(tempfile.mkdtemp(prefix="cbsa", dir="/tmp"))
-        self.env = api.pod_files(self.dir, ns, api.token(ns, "proxies"))
-        self.files = self.dir / "var/run/secrets/kubernetes.io/serviceaccount"
-        sock = self.dir / "api.sock"
-        port = self.env["KUBERNETES_SERVICE_PORT_HTTPS"]
-        self.relays = [
-            subprocess.Popen(["socat", f"UNIX-LISTEN:{sock},fork,mode=600", f"TCP:127.0.0.1:{port}"]),
-        ]
-        wait_for(sock.exists, 5)
-        self.relays.append(net.lab.spawn(node_ns, ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr",
-                                                   f"UNIX-CONNECT:{sock}"]))
-        self.env.update(TS_KUBE_SECRET=secret, TS_KUBERNETES_READ_API_SERVER_ADDRESS_FROM_ENV="true",
-                        POD_UID="uid-e2e", POD_NAME=secret)
-
-    @property
-    def setup(self) -> str:
-        """Shell that lays the service-account files out where tailscaled and containerboot look."""
-        return f"mkdir -p {SA} && cp {shlex.quote(str(self.files))}/* {SA}/"
-
-    def secret(self) -> dict[str, str]:
-        return self.api.get_secret(self.ns, self.secret_name) or {}
-
-    def close(self) -> None:
-        for proc in self.relays:
-            proc.terminate()
-            proc.wait(5)
-        subprocess.run(["rm", "-rf", str(self.dir)], check=False)
 
 
 @pytest.fixture

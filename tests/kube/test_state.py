@@ -19,10 +19,9 @@ import pytest
 from containerboot import kube
 from containerboot.settings import CAPABILITY_VERSION
 from tests.conftest import need
-from tests.lab.fakes import SECRET, Root, Run, netmap, peer, state, temp_root, wait_for
+from tests.lab.fakes import SECRET, Root, Run, kubelet_publish, netmap, peer, state, temp_root, wait_for
 from tests.lab.kubeapi import PROXIES_ROLE_RULES, KubeAPI, Rule
 from tests.lab.tailnet import binaries as tailnet_binaries
-from tests.lifecycle.test_follow import kubelet_publish
 
 pytestmark = pytest.mark.kube
 

@@ -341,3 +341,19 @@ def child_pid(parent: int, name: str, timeout: float = 5.0) -> int:
     found = wait_for(find, timeout)
     assert found, f"no child of {parent} named {name}"
     return int(found)
+
+
+def kubelet_publish(directory: Path, files: dict[str, str], generation: int) -> None:
+    """kubelet's AtomicWriter: a new timestamped dir, `..data_tmp` pointing at it, renamed over `..data`,
+    and each visible name a symlink through `..data`."""
+    ts = directory / f"..2026_11_29_{generation:06d}"
+    ts.mkdir()
+    for name, text in files.items():
+        (ts / name).write_text(text)
+    tmp = directory / "..data_tmp"
+    tmp.symlink_to(ts.name)
+    os.rename(tmp, directory / "..data")
+    for name in files:
+        link = directory / name
+        if not link.is_symlink():
+            link.symlink_to(f"..data/{name}")

@@ -3,13 +3,11 @@ and a tailscaled config published the way kubelet publishes a mounted Secret is 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.lab.fakes import Root, Run, netmap, temp_root, wait_for
+from tests.lab.fakes import Root, Run, kubelet_publish, netmap, temp_root, wait_for
 
 
 @pytest.fixture
@@ -45,22 +43,6 @@ def test_dropped_bus_stream_is_reopened_and_followed(root: Root, start: Callable
     root.api.notify(netmap(["100.64.0.2/32"]))
     run.wait_contains("for 100.64.0.2", timeout=5)
     assert run.proc.poll() is None
-
-
-def kubelet_publish(directory: Path, files: dict[str, str], generation: int) -> None:
-    """kubelet's AtomicWriter: a new timestamped dir, `..data_tmp` pointing at it, renamed over `..data`,
-    and each visible name a symlink through `..data`."""
-    ts = directory / f"..2026_11_29_{generation:06d}"
-    ts.mkdir()
-    for name, text in files.items():
-        (ts / name).write_text(text)
-    tmp = directory / "..data_tmp"
-    tmp.symlink_to(ts.name)
-    os.rename(tmp, directory / "..data")
-    for name in files:
-        link = directory / name
-        if not link.is_symlink():
-            link.symlink_to(f"..data/{name}")
 
 
 @pytest.mark.parametrize("inotify", [True, False], ids=["inotify", "polling"])
