@@ -64,7 +64,7 @@ class Boot:
     def __init__(self, s: Settings) -> None:
         self.s = s
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()  # put() is safe in signal handlers
-        self.api = LocalAPI(s.socket)
+        self.api = LocalAPI(s.socket, guard=self.interruptible)
         self.health = health.Health(s)
         self.node = ipn.Node()
         self.driver: Any = None
@@ -85,6 +85,7 @@ class Boot:
         self.netmap_at = 0.0
         self.stop_requested = 0  # the signal that asked us to stop, seen by blocking CLI calls
         self.blocking = False  # inside interruptible(): a signal raises Exit(0) right there
+        self.shutting_down = False
         self.boot_deadline = time.monotonic() + s.boot_timeout  # set again when the boot starts
         self.started = False
         # Kubernetes state Secret: usable only in Kubernetes with patch rights (upstream's hasKubeStateStore).
@@ -377,14 +378,18 @@ class Boot:
 
     @contextlib.contextmanager
     def interruptible(self) -> Iterator[None]:
-        """A blocking call in the main thread that a shutdown signal may abort."""
+        """A blocking call in the main thread that a shutdown signal may abort. While shutting down,
+        calls run to their own timeouts: the signal has been handled already."""
+        if self.shutting_down:
+            yield
+            return
         if self.stop_requested:
             raise Exit(0, f"Received {signal.Signals(self.stop_requested).name}, shutting down")
-        self.blocking = True
+        outer, self.blocking = self.blocking, True
         try:
             yield
         finally:
-            self.blocking = False
+            self.blocking = outer
 
     def on_tailscaled_exit(self, code: int) -> None:
         self.events.put(Event("tailscaled-exit", code))
@@ -698,17 +703,18 @@ class Boot:
         # the operator publishes them as the Service's endpoint.
         self.store_device_id()
         self.resolve_egress()
-        if self.s.tailnet_target_fqdn and not self.egress:
-            return  # like upstream: nothing more (no rules, no device_fqdn) until the target resolves
-        self.resolve_backends(force=self.applied is None)
-        if self.node.addrs:
-            self.reconcile()
-        self.store_device_endpoints()
-        self.health.set(bool(self.node.addrs))
-        if self.serve:
-            if self_changed:  # cert domains ride with DNS config, which a SelfChange may have changed
-                self.refresh_cert_domains()
-            self.poll_serve()
+        # Like upstream: an egress name that does not resolve yet means no rules and no device_fqdn for
+        # now (the next netmap tries again), but the startup check below still runs.
+        if not (self.s.tailnet_target_fqdn and not self.egress):
+            self.resolve_backends(force=self.applied is None)
+            if self.node.addrs:
+                self.reconcile()
+            self.store_device_endpoints()
+            self.health.set(bool(self.node.addrs))
+            if self.serve:
+                if self_changed:  # cert domains ride with DNS config, which a SelfChange may have changed
+                    self.refresh_cert_domains()
+                self.poll_serve()
         if not self.started and (not self.s.is_l3_proxy or self.kube_store is None
                                  or (self.stored_id is not None and self.stored_endpoints is not None)):
             self.started = True
@@ -764,7 +770,7 @@ class Boot:
 
     def unadvertise(self) -> None:
         try:
-            prefs = self.api.json("GET", "/localapi/v0/prefs") or {}
+            prefs = self.api.json("GET", "/localapi/v0/prefs", timeout=5) or {}
         except (LocalAPIError, ValueError) as exc:
             log.info(f"Error ensuring services are not advertised: {exc}")
             return
@@ -773,11 +779,14 @@ class Boot:
             return
         log.info(f"unadvertising services: {services}")
         try:
-            self.api.json("PATCH", "/localapi/v0/prefs", {"AdvertiseServicesSet": True, "AdvertiseServices": None})
+            self.api.json("PATCH", "/localapi/v0/prefs", {"AdvertiseServicesSet": True, "AdvertiseServices": None},
+                          timeout=5)
         except LocalAPIError as exc:
             log.info(f"Error ensuring services are not advertised: {exc}")
 
     def shutdown(self, clean: bool) -> None:
+        self.shutting_down = True
+        self.blocking = False
         self.close_watch()
         if self.config_watch is not None:
             self.config_watch.close()

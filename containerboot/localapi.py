@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import http.client
 import json
 import socket
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 from containerboot.settings import CAPABILITY_VERSION
 
 HOST = "local-tailscaled.sock"
+TIMEOUT = 10.0  # a tailscaled that accepts and never answers costs at most this per call
+WATCH_OPEN_TIMEOUT = 5.0  # connect and response headers of the bus stream; reads after that wait for news
+
+Guard = Callable[[], AbstractContextManager[None]]
 
 
 class LocalAPIError(RuntimeError):
@@ -31,11 +38,24 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 class LocalAPI:
-    def __init__(self, socket_path: str) -> None:
+    """`guard` wraps every call made from the main thread (the boot uses it to let a shutdown signal
+    abort a call that blocks); calls from other threads (the metrics endpoint) are bounded by timeouts only."""
+
+    def __init__(self, socket_path: str, guard: Guard = contextlib.nullcontext) -> None:
         self.socket_path = socket_path
+        self.guard = guard
+
+    def _guarded(self) -> AbstractContextManager[None]:
+        main = threading.current_thread() is threading.main_thread()
+        return self.guard() if main else contextlib.nullcontext()
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-                timeout: float | None = 30) -> tuple[int, dict[str, str], bytes]:
+                timeout: float | None = TIMEOUT) -> tuple[int, dict[str, str], bytes]:
+        with self._guarded():
+            return self._request(method, path, body, headers, timeout)
+
+    def _request(self, method: str, path: str, body: bytes | None, headers: dict[str, str] | None,
+                 timeout: float | None) -> tuple[int, dict[str, str], bytes]:
         conn = _UnixConnection(self.socket_path, timeout)
         try:
             conn.request(method, path, body=body,
@@ -43,32 +63,43 @@ class LocalAPI:
             resp = conn.getresponse()
             return resp.status, dict(resp.getheaders()), resp.read()
         except (OSError, http.client.HTTPException) as exc:
+            if isinstance(exc, TimeoutError):
+                raise LocalAPIError(f"{method} {path}: tailscaled did not answer within {timeout:g}s") from exc
             raise LocalAPIError(f"{method} {path}: {exc}") from exc
         finally:
             conn.close()
 
-    def json(self, method: str, path: str, payload: Any = None, headers: dict[str, str] | None = None) -> Any:
+    def json(self, method: str, path: str, payload: Any = None, headers: dict[str, str] | None = None,
+             timeout: float = TIMEOUT) -> Any:
         body = None if payload is None else json.dumps(payload).encode()
-        status, _, data = self.request(method, path, body, {"Content-Type": "application/json", **(headers or {})})
+        status, _, data = self.request(method, path, body, {"Content-Type": "application/json", **(headers or {})},
+                                       timeout)
         if status // 100 != 2:
             raise LocalAPIError(f"{method} {path}: {status} {data.decode(errors='replace').strip()}")
         return json.loads(data) if data.strip() else None
 
     def watch(self, mask: int) -> BusWatch:
-        return BusWatch(self.socket_path, mask)
+        with self._guarded():
+            return BusWatch(self.socket_path, mask)
 
 
 class BusWatch:
     """`GET /localapi/v0/watch-ipn-bus?mask=N`: a stream of JSON notifications, one object each."""
 
     def __init__(self, socket_path: str, mask: int) -> None:
-        self._conn = _UnixConnection(socket_path, None)
+        self._conn = _UnixConnection(socket_path, WATCH_OPEN_TIMEOUT)
         try:
             self._conn.request("GET", f"/localapi/v0/watch-ipn-bus?mask={mask}",
                                headers={"Tailscale-Cap": str(CAPABILITY_VERSION)})
             self._resp = self._conn.getresponse()
+            # Open: from here a read waits for tailscaled's next notification, however long that takes; the
+            # reader is a thread of its own, so the boot's deadline and signals do not depend on it.
+            if self._conn.sock is not None:
+                self._conn.sock.settimeout(None)
         except (OSError, http.client.HTTPException) as exc:
             self._conn.close()
+            if isinstance(exc, TimeoutError):
+                raise LocalAPIError(f"watch-ipn-bus: tailscaled did not answer within {WATCH_OPEN_TIMEOUT:g}s") from exc
             raise LocalAPIError(f"watch-ipn-bus: {exc}") from exc
         if self._resp.status != 200:
             body = self._resp.read().decode(errors="replace").strip()
