@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from containerboot import configdir, health, ipn, kube, log, proxy, serve, system, tailscaled
+from containerboot import configdir, health, ipn, kube, localapi, log, proxy, serve, system, tailscaled
 from containerboot.dns import ResolveError, lookup
 from containerboot.localapi import BusWatch, LocalAPI, LocalAPIError
 from containerboot.settings import Settings
@@ -86,6 +86,7 @@ class Boot:
         self.stop_requested = 0  # the signal that asked us to stop, seen by blocking CLI calls
         self.blocking = False  # inside interruptible(): a signal raises Exit(0) right there
         self.shutting_down = False
+        self.heard_from_tailscaled = False  # any notification arrived
         self.boot_deadline = time.monotonic() + s.boot_timeout  # set again when the boot starts
         self.started = False
         # Kubernetes state Secret: usable only in Kubernetes with patch rights (upstream's hasKubeStateStore).
@@ -399,9 +400,16 @@ class Boot:
         self.watch_mask = mask
         self.reconnect_at = None
         self.bus_backoff = 0.0
+        # Before Running, the boot deadline bounds the wait for tailscaled's answer too.
+        timeout = localapi.WATCH_OPEN_TIMEOUT
+        if not self.started:
+            timeout = max(0.05, min(timeout, self.boot_deadline - time.monotonic()))
         try:
-            watch = self.api.watch(mask)
+            watch = self.api.watch(mask, timeout)
         except LocalAPIError as exc:
+            if not self.started and time.monotonic() >= self.boot_deadline:
+                raise Exit(1, "failed to read from tailscaled: context deadline exceeded (TS_BOOT_TIMEOUT="
+                              f"{self.s.boot_timeout:g}s)") from exc
             raise Exit(1, f"failed to watch tailscaled for updates: {exc}") from exc
         self._attach(watch)
 
@@ -449,6 +457,7 @@ class Boot:
     def _read(self, watch: BusWatch, wid: int) -> None:
         try:
             for notify in watch:
+                self.heard_from_tailscaled = True
                 self.events.put(Event("notify", notify, wid))
         except LocalAPIError as exc:
             self.events.put(Event("bus-error", str(exc), wid))
@@ -792,8 +801,8 @@ class Boot:
             self.config_watch.close()
         if self.child is not None and self.child.proc.poll() is None:
             deadline = time.monotonic() + SHUTDOWN_TIMEOUT
-            if clean:
-                self.unadvertise()
+            if clean and self.heard_from_tailscaled:
+                self.unadvertise()  # a tailscaled that never answered has nothing advertised
             # Stopping tailscaled between its login and its last state write would leave a Secret
             # it cannot recover from; upstream waits for all-or-nothing state, and so do we.
             self.wait_consistent_state(deadline)

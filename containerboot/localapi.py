@@ -78,16 +78,16 @@ class LocalAPI:
             raise LocalAPIError(f"{method} {path}: {status} {data.decode(errors='replace').strip()}")
         return json.loads(data) if data.strip() else None
 
-    def watch(self, mask: int) -> BusWatch:
+    def watch(self, mask: int, timeout: float = WATCH_OPEN_TIMEOUT) -> BusWatch:
         with self._guarded():
-            return BusWatch(self.socket_path, mask)
+            return BusWatch(self.socket_path, mask, timeout)
 
 
 class BusWatch:
     """`GET /localapi/v0/watch-ipn-bus?mask=N`: a stream of JSON notifications, one object each."""
 
-    def __init__(self, socket_path: str, mask: int) -> None:
-        self._conn = _UnixConnection(socket_path, WATCH_OPEN_TIMEOUT)
+    def __init__(self, socket_path: str, mask: int, timeout: float = WATCH_OPEN_TIMEOUT) -> None:
+        self._conn = _UnixConnection(socket_path, timeout)
         try:
             self._conn.request("GET", f"/localapi/v0/watch-ipn-bus?mask={mask}",
                                headers={"Tailscale-Cap": str(CAPABILITY_VERSION)})
@@ -99,7 +99,7 @@ class BusWatch:
         except (OSError, http.client.HTTPException) as exc:
             self._conn.close()
             if isinstance(exc, TimeoutError):
-                raise LocalAPIError(f"watch-ipn-bus: tailscaled did not answer within {WATCH_OPEN_TIMEOUT:g}s") from exc
+                raise LocalAPIError(f"watch-ipn-bus: tailscaled did not answer within {timeout:g}s") from exc
             raise LocalAPIError(f"watch-ipn-bus: {exc}") from exc
         if self._resp.status != 200:
             body = self._resp.read().decode(errors="replace").strip()

@@ -223,6 +223,7 @@ class Root:
         self.write("etc/tailscaled/cap-95.hujson", '{"Version":"alpha0","AuthKey":"some-auth-key"}')
         self.write("etc/tailscaled/serve-config.json", '{"TCP":{"80":{"HTTP":true}}}')
         self.api = FakeLocalAPI(str(d / "tmp/tailscaled.sock.fake"))
+        self.cleanups: list[Callable[[], None]] = []  # run by close(), for stand-ins a test adds
 
     def write(self, rel: str, text: str) -> None:
         path = self.d / rel
@@ -244,6 +245,8 @@ class Root:
         return [line.replace(str(self.d), "") for line in text.strip().splitlines()]
 
     def close(self) -> None:
+        for cleanup in self.cleanups:
+            cleanup()
         self.api.close()
 
 
