@@ -22,7 +22,7 @@ from containerboot import configdir, health, ipn, kube, localapi, log, proxy, se
 from containerboot.dns import ResolveError, lookup
 from containerboot.localapi import BusWatch, LocalAPI, LocalAPIError
 from containerboot.settings import Settings
-from firewall.model import FirewallError, IPAddress, Plan
+from firewall.model import FirewallBusy, FirewallError, IPAddress, Plan
 
 DRIFT_CHECK_SECONDS = 2.0
 DNS_REFRESH_SECONDS = 600.0
@@ -75,6 +75,7 @@ class Boot:
         self.servers: list[Any] = []
         self.serve = serve.ServeWatcher(s.serve_config, self.api) if s.serve_config else None
         self.applied: Plan | None = None
+        self.pending = False  # a plan that could not be applied yet (lock busy): retried on the tick
         self.notes: set[str] = set()
         self.egress: tuple[IPAddress, ...] = ()
         self.backends: tuple[IPAddress, ...] = ()
@@ -697,9 +698,16 @@ class Boot:
         for target in egress:
             log.info(f"Installing forwarding rules for destination {target}")
         try:
-            self.driver.apply(plan)
+            with self.interruptible():
+                self.driver.apply(plan)
+        except FirewallBusy as exc:
+            # Another program holds the netfilter lock: not an error of ours; the next tick tries again.
+            self.pending = True
+            log.warning(f"firewall: {exc}; retrying")
+            return
         except FirewallError as exc:
             raise Exit(1, f"installing proxy rules: {exc}") from exc
+        self.pending = False
         self.applied = plan
         self.next_drift = time.monotonic() + DRIFT_CHECK_SECONDS
         log.info(f"firewall: {len(plan.rules)} rules live in {self.detection.backend} for "
@@ -718,12 +726,18 @@ class Boot:
             self.resolve_backends(force=self.applied is None)
             if self.node.addrs:
                 self.reconcile()
-            self.store_device_endpoints()
-            self.health.set(bool(self.node.addrs))
+            if not self.pending:  # name and addresses say "traffic can flow": only once the rules are in
+                self.store_device_endpoints()
+            self.health.set(bool(self.node.addrs) and not self.pending)
             if self.serve:
                 if self_changed:  # cert domains ride with DNS config, which a SelfChange may have changed
                     self.refresh_cert_domains()
                 self.poll_serve()
+        self.maybe_started()
+
+    def maybe_started(self) -> None:
+        if self.pending:
+            return  # upstream would still be inside the rule install
         if not self.started and (not self.s.is_l3_proxy or self.kube_store is None
                                  or (self.stored_id is not None and self.stored_endpoints is not None)):
             self.started = True
@@ -744,6 +758,13 @@ class Boot:
                 raise Exit(1, f"serve proxy: error storing HTTPS endpoint: {exc}") from exc
 
     def tick(self) -> None:
+        if self.pending and time.monotonic() >= self.next_drift:
+            self.next_drift = time.monotonic() + DRIFT_CHECK_SECONDS
+            self.reconcile()
+            if not self.pending:
+                self.store_device_endpoints()
+                self.health.set(bool(self.node.addrs))
+                self.maybe_started()
         if not self.started:
             return
         if self.serve:
@@ -753,7 +774,7 @@ class Boot:
             self.resolve_backends()
             if self.backends != before:
                 self.reconcile()
-        if self.applied is not None and time.monotonic() >= self.next_drift:
+        if self.applied is not None and not self.pending and time.monotonic() >= self.next_drift:
             self.next_drift = time.monotonic() + DRIFT_CHECK_SECONDS
             self.check_drift()
 
@@ -761,7 +782,8 @@ class Boot:
         """Put back rules that somebody removed (`nft flush ruleset`, `iptables -t nat -F`, a firewall reload)."""
         assert self.applied is not None
         try:
-            found = self.driver.installed()
+            with self.interruptible():
+                found = self.driver.installed()
         except FirewallError as exc:
             log.warning(f"firewall: cannot read back the rules: {exc}")
             return
@@ -771,7 +793,8 @@ class Boot:
         log.warning(f"firewall: rules changed outside containerboot ({len(missing)} missing, {len(extra)} "
                     "unexpected); restoring them")
         try:
-            self.driver.apply(self.applied, full=True)
+            with self.interruptible():
+                self.driver.apply(self.applied, full=True)
         except FirewallError as exc:
             log.error(f"firewall: restoring the rules failed: {exc}; retrying")
 
@@ -810,6 +833,7 @@ class Boot:
             self.child.terminate(max(1.0, deadline - time.monotonic()))
         if clean and self.driver is not None and self.applied is not None:
             try:
+                self.driver.lock_wait = min(self.driver.lock_wait, 1.0)  # shutdown: quickly, or not at all
                 self.driver.flush()
             except FirewallError as exc:
                 log.warning(f"firewall: removing our rules failed: {exc}")

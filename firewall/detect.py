@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from firewall.model import FirewallError
+from firewall.model import FirewallBusy, FirewallError
 
 BACKENDS = ("iptables", "nftables")
 VARIANT = {"nftables": "nf_tables", "iptables": "legacy"}
@@ -187,6 +187,9 @@ def detect(env: Mapping[str, str], probes: Probes | None = None, fake: bool = Fa
     try:
         probes.run_probe(choice, 4)
         evidence.append(f"{VARIANT[choice]} NAT probe passed")
+    except FirewallBusy as busy:
+        # Someone holds the xtables lock: they are using this backend now, which is evidence enough.
+        evidence.append(f"{VARIANT[choice]} NAT probe not run ({busy})")
     except FirewallError as first:
         if forced:
             raise DetectionError(
@@ -209,6 +212,9 @@ def detect(env: Mapping[str, str], probes: Probes | None = None, fake: bool = Fa
     try:
         probes.run_probe(choice, 6)
         families.append(6)
+    except FirewallBusy as busy:
+        families.append(6)
+        evidence.append(f"IPv6 NAT probe not run ({busy}); IPv6 taken as usable")
     except FirewallError as exc:
         evidence.append(f"IPv6 NAT unavailable in {VARIANT[choice]} ({exc}); IPv6 rules are skipped")
 

@@ -13,6 +13,7 @@ class FakeDriver:
         self.families = tuple(families)
         self.current = Plan()
         self.history: list[Plan] = []
+        self.lock_wait = 0.0
 
     def apply(self, plan: Plan, full: bool = False) -> None:
         extra = plan.families() - set(self.families)

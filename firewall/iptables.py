@@ -20,6 +20,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from firewall.detect import KUBE_HINTS
 from firewall.model import (
     Dnat,
     DnatNonTailnet,
+    FirewallBusy,
     FirewallError,
     Foreign,
     MssClamp,
@@ -41,6 +43,7 @@ PRE, POST, FWD = "CONTAINERBOOT-PREROUTING", "CONTAINERBOOT-POSTROUTING", "CONTA
 CHAINS = {PRE: ("nat", "PREROUTING"), POST: ("nat", "POSTROUTING"), FWD: ("mangle", "FORWARD")}
 PROBE = "CONTAINERBOOT-PROBE"
 NAMES_FILE = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
+LOCK_WAIT = 5.0  # how long a change waits for the xtables lock before giving up (and retrying later)
 
 Params = tuple[tuple[str, tuple[str, ...]], ...]
 
@@ -194,7 +197,7 @@ def in_child(fn: Callable[[], Any]) -> Any:
             try:
                 payload = {"ok": fn()}
             except Exception as exc:  # noqa: BLE001 - carried to the parent as text
-                payload = {"error": f"{type(exc).__name__}: {exc}"}
+                payload = {"error": f"{type(exc).__name__}: {exc}", "busy": isinstance(exc, FirewallBusy)}
             data = json.dumps(payload).encode()
             while data:
                 data = data[os.write(w, data):]
@@ -202,15 +205,23 @@ def in_child(fn: Callable[[], Any]) -> Any:
             os._exit(0)
     os.close(w)
     chunks = []
-    with os.fdopen(r, "rb") as f:
-        while chunk := f.read(1 << 16):
-            chunks.append(chunk)
-    _, status = os.waitpid(pid, 0)
+    try:
+        with os.fdopen(r, "rb") as f:
+            while chunk := f.read(1 << 16):
+                chunks.append(chunk)
+        _, status = os.waitpid(pid, 0)
+    except BaseException:
+        # Interrupted (a shutdown signal raised into a blocked read): the child must not outlive the call.
+        with contextlib.suppress(OSError):
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        raise
     if not chunks:
         raise FirewallError(f"iptables worker died (wait status {status})")
     result = json.loads(b"".join(chunks))
     if "error" in result:
-        raise FirewallError(f"iptables (legacy): {result['error']}")
+        error = FirewallBusy if result.get("busy") else FirewallError
+        raise error(f"iptables (legacy): {result['error']}")
     return result["ok"]
 
 
@@ -276,9 +287,10 @@ def _jumps(chain: Any, target: str) -> list[Any]:
 
 
 @contextlib.contextmanager
-def xtables_lock() -> Iterator[None]:
+def xtables_lock(wait: float = LOCK_WAIT) -> Iterator[None]:
     """The lock the iptables tools take with --wait (tailscaled's do), so that our read-modify-commit
-    of a table and theirs do not interleave. libiptc itself takes none."""
+    of a table and theirs do not interleave. libiptc itself takes none. Unlike `iptables --wait`, the
+    wait is bounded: a lock held for ever must not hold the boot for ever (FirewallBusy: retry later)."""
     path = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
     try:
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
@@ -286,15 +298,24 @@ def xtables_lock() -> Iterator[None]:
         yield  # no writable /run: nothing else can be holding it either
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise FirewallBusy(f"another process has held the xtables lock {path} for more than "
+                                       f"{wait:g}s") from None
+                time.sleep(0.02)
         yield
     finally:
         os.close(fd)
 
 
-def _write(fam: int, wanted: list[dict[str, Any]]) -> None:
+def _write(fam: int, wanted: list[dict[str, Any]], wait: float = LOCK_WAIT) -> None:
     """Child: make the owned chains hold exactly `wanted` (or remove them all when it is empty)."""
-    with xtables_lock():
+    with xtables_lock(wait):
         _write_locked(fam, wanted)
 
 
@@ -406,6 +427,7 @@ class IptablesDriver:
         import iptc  # noqa: F401 - load the library here so that children never import
 
         self.families = tuple(sorted(set(families)))
+        self.lock_wait = LOCK_WAIT  # a shutdown lowers it: the rules go if they can go quickly
 
     def apply(self, plan: Plan, full: bool = True) -> None:
         """Always rewrites the owned chains whole (`full` is accepted for the common interface)."""
@@ -414,11 +436,11 @@ class IptablesDriver:
             raise FirewallError(f"iptables: no usable IPv{min(extra)} NAT (ip6_tables) in this kernel")
         for fam in self.families:
             wanted = [s.to_json() for s in render(plan, fam)]
-            in_child(lambda fam=fam, wanted=wanted: _write(fam, wanted))  # type: ignore[misc]
+            in_child(lambda fam=fam, wanted=wanted: _write(fam, wanted, self.lock_wait))  # type: ignore[misc]
 
     def flush(self) -> None:
         for fam in self.families:
-            in_child(lambda fam=fam: _write(fam, []))  # type: ignore[misc]
+            in_child(lambda fam=fam: _write(fam, [], self.lock_wait))  # type: ignore[misc]
 
     def installed(self) -> Plan:
         rules: set[Rule] = set()

@@ -243,6 +243,7 @@ class Driver(Protocol):
     """What every backend offers. `apply` is the one verb that matters."""
 
     name: str
+    lock_wait: float  # how long a change waits for another program's lock (iptables); 0 where none exists
 
     def apply(self, plan: Plan, full: bool = False) -> None:
         """Make the owned rules equal to `plan`, atomically per table, removing what is stale.
@@ -258,3 +259,7 @@ class Driver(Protocol):
 
 class FirewallError(RuntimeError):
     """The kernel refused a change; the message says what and why."""
+
+
+class FirewallBusy(FirewallError):
+    """Another program holds the netfilter lock longer than we wait for it: try again later."""

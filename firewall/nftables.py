@@ -350,6 +350,7 @@ def parse_table(fam: int, objects: list[Json]) -> Listing:
 
 class NftablesDriver:
     name = "nftables"
+    lock_wait = 0.0  # nf_tables changes are transactions: there is no lock to wait for
 
     def __init__(self, nft: Libnft, families: Iterable[int] = (4, 6)) -> None:
         self.nft = nft

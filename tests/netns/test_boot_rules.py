@@ -3,6 +3,8 @@ them with the node's address, puts them back after a flush, and follows an egres
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -95,3 +97,36 @@ def test_egress_by_magicdns_name_follows_the_peer(topo: Topology, root: Root, ba
         assert wait_for(lambda: topo.lab.fetch(topo.pod, "198.18.1.1") == "moved 100.64.0.1", 3.0)
     finally:
         run.stop()
+
+
+def test_xtables_lock_held_by_another_process(topo: Topology, root: Root) -> None:
+    # Another program (an `iptables --wait` run, tailscaled) holds the xtables lock and does not let go:
+    # the boot neither hangs nor fails; it says so, installs once the lock is free, and SIGTERM stays prompt.
+    a4 = ADDR[4]
+    lock = root.d / "xtables.lock"
+    holder = subprocess.Popen(["flock", "-o", str(lock), "sleep", "30"])  # -o: killing flock frees it
+    try:
+        assert wait_for(lambda: subprocess.run(["flock", "-n", str(lock), "true"]).returncode == 1, 5)
+        run = boot(topo, root, "iptables", TS_DEST_IP=a4["backend"], XTABLES_LOCKFILE=str(lock))
+        root.api.notify(netmap([f"{a4['ts']}/32"]))
+        run.wait_contains("has held the xtables lock", timeout=15)
+        assert run.proc.poll() is None
+        assert "Startup complete" not in run.output  # not while the rules are not in
+        holder.kill()
+        holder.wait()
+        run.wait_contains("rules live in iptables", timeout=15)
+        run.wait_log("Startup complete, waiting for shutdown signal")
+        assert topo.lab.fetch(topo.tnet, a4["ts"], source=a4["peer"]) == f"backend {a4['peer']}"
+        # Held again: SIGTERM during the wait for it still ends the program at once.
+        holder = subprocess.Popen(["flock", "-o", str(lock), "sleep", "30"])  # -o: killing flock frees it
+        assert wait_for(lambda: subprocess.run(["flock", "-n", str(lock), "true"]).returncode == 1, 5)
+        topo.lab.run(topo.proxy, "iptables-legacy", "-t", "nat", "-F")  # drift: the repair needs the lock
+        time.sleep(2.5)
+        sent = time.monotonic()
+        run.proc.send_signal(signal.SIGTERM)
+        assert run.proc.wait(10) == 0
+        assert time.monotonic() - sent < 2.5  # the abort, then the shutdown's own 1 s try to remove the rules
+        run.wait_exit(5)
+    finally:
+        holder.kill()
+        holder.wait()
