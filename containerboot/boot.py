@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from containerboot import configdir, health, ipn, kube, localapi, log, proxy, serve, system, tailscaled
-from containerboot.dns import ResolveError, lookup
+from containerboot.dns import ResolveError, lookup_bounded
 from containerboot.localapi import BusWatch, LocalAPI, LocalAPIError
 from containerboot.settings import Settings
 from firewall.model import FirewallBusy, FirewallError, IPAddress, Plan
@@ -655,7 +655,8 @@ class Boot:
         if not name or (not force and time.monotonic() < self.next_dns):
             return
         try:
-            found = lookup(name)
+            with self.interruptible():
+                found = lookup_bounded(name)
         except (ResolveError, OSError) as exc:
             delay = min(2.0 ** self.dns_failures, DNS_REFRESH_SECONDS)
             self.dns_failures += 1

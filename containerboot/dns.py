@@ -3,13 +3,45 @@
 from __future__ import annotations
 
 import ipaddress
+import queue
 import socket
+import threading
 
 from firewall.model import IPAddress, addr_key
+
+LOOKUP_TIMEOUT = 5.0
+
+_busy = threading.Lock()  # at most one lookup thread at a time, however slow the resolver
 
 
 class ResolveError(OSError):
     pass
+
+
+def lookup_bounded(name: str, timeout: float = LOOKUP_TIMEOUT) -> tuple[IPAddress, ...]:
+    """`lookup` with a bound: getaddrinfo cannot be interrupted or timed out, so it runs in a thread of
+    its own and the caller waits at most `timeout` (a signal handler may raise out of the wait). A lookup
+    still running from an earlier call is not doubled: the call fails at once and is retried later."""
+    if not _busy.acquire(blocking=False):
+        raise ResolveError(f"the previous lookup of {name} has not finished yet")
+    answer: queue.SimpleQueue[tuple[IPAddress, ...] | Exception] = queue.SimpleQueue()
+
+    def work() -> None:
+        try:
+            answer.put(lookup(name))
+        except Exception as exc:  # noqa: BLE001 - carried to the waiting caller
+            answer.put(exc)
+        finally:
+            _busy.release()
+
+    threading.Thread(target=work, name="dns-lookup", daemon=True).start()
+    try:
+        got = answer.get(timeout=timeout)
+    except queue.Empty:
+        raise ResolveError(f"no answer for {name} within {timeout:g}s") from None
+    if isinstance(got, Exception):
+        raise got
+    return got
 
 
 def lookup(name: str) -> tuple[IPAddress, ...]:
