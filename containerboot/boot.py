@@ -785,8 +785,10 @@ class Boot:
         try:
             with self.interruptible():
                 found = self.driver.installed()
-        except FirewallError as exc:
-            log.warning(f"firewall: cannot read back the rules: {exc}")
+        except (FirewallError, OSError) as exc:
+            # Not being able to read (out of file descriptors, a busy lock) says nothing about the rules:
+            # unknown, so nothing is "restored" on a guess; the next check tries again.
+            log.warning(f"firewall: cannot read back the rules: {exc}; checking again in {DRIFT_CHECK_SECONDS:g}s")
             return
         if found == self.applied:
             return
@@ -796,7 +798,7 @@ class Boot:
         try:
             with self.interruptible():
                 self.driver.apply(self.applied, full=True)
-        except FirewallError as exc:
+        except (FirewallError, OSError) as exc:
             log.error(f"firewall: restoring the rules failed: {exc}; retrying")
 
     # ---- shutdown ---------------------------------------------------------------------------------
