@@ -8,8 +8,6 @@ Where inotify cannot be had (no instances left, a filesystem without it) the wat
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 import select
@@ -53,6 +51,9 @@ def read_bytes(path: str) -> bytes | None:
 
 def _inotify(directory: str) -> int:
     """An inotify fd watching `directory`; raises OSError when inotify is not available."""
+    import ctypes  # only a config dir pays for it
+    import ctypes.util
+
     libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
     fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
     if fd < 0:

@@ -20,7 +20,6 @@ import ipaddress
 import json
 import os
 import socket
-import ssl
 import threading
 import time
 import urllib.parse
@@ -162,6 +161,8 @@ class Client:
         self.stop = stop
         self.timeout = timeout
         self.namespace = self._read("namespace").decode().strip()
+        import ssl  # only a Pod with a state Secret pays for TLS (about 4 MiB)
+
         try:
             self.tls = ssl.create_default_context(cadata=self._read("ca.crt").decode(errors="replace"))
         except ssl.SSLError as exc:
@@ -170,7 +171,7 @@ class Client:
         self._token = ""
         self._token_read = 0.0
         self.deadline: float | None = None  # while set (the boot deadline), no call runs past it
-        self._conn: http.client.HTTPSConnection | None = None
+        self._conn: http.client.HTTPSConnection | None = None  # (http.client imports no ssl until used)
         self._lock = threading.Lock()  # the serve watcher and the main loop may share the client
 
     def _read(self, name: str) -> bytes:
