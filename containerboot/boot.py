@@ -409,7 +409,7 @@ class Boot:
             watch = self.api.watch(mask, timeout)
         except LocalAPIError as exc:
             if not self.started and time.monotonic() >= self.boot_deadline:
-                raise Exit(1, "failed to read from tailscaled: context deadline exceeded (TS_BOOT_TIMEOUT="
+                raise Exit(1, "reading tailscaled IPN bus: context deadline exceeded (TS_BOOT_TIMEOUT="
                               f"{self.s.boot_timeout:g}s)") from exc
             raise Exit(1, f"failed to watch tailscaled for updates: {exc}") from exc
         self._attach(watch)
@@ -448,7 +448,7 @@ class Boot:
             if self.dial_failing_since is None:
                 self.dial_failing_since = now
             elif now - self.dial_failing_since >= BUS_MAX_DIAL_FAILURE:
-                raise Exit(1, f"failed to read from tailscaled: reading tailscaled IPN bus: {exc}") from exc
+                raise Exit(1, f"reading tailscaled IPN bus: {exc}") from exc
             self.schedule_reconnect()
             return
         self.reconnect_at = None
@@ -570,7 +570,7 @@ class Boot:
         logged_in = False
         while True:
             if time.monotonic() >= deadline:
-                raise Exit(1, "failed to read from tailscaled: context deadline exceeded (TS_BOOT_TIMEOUT="
+                raise Exit(1, "reading tailscaled IPN bus: context deadline exceeded (TS_BOOT_TIMEOUT="
                               f"{self.s.boot_timeout:g}s)")
             ev = self.next_event(deadline)
             if ev is None:
@@ -698,6 +698,8 @@ class Boot:
             log.info("Installing proxy rules")
         for target in egress:
             log.info(f"Installing forwarding rules for destination {target}")
+        if s.allow_cluster_traffic_via_ingress and s.serve_config and s.pod_ip:
+            log.info(f"installing rules to forward traffic for {s.pod_ip} to node's tailnet IP")
         try:
             with self.interruptible():
                 self.driver.apply(plan)

@@ -129,7 +129,7 @@ def test_waiting_states_are_logged(root: Root, start: Callable[..., Run]) -> Non
 def test_boot_timeout(root: Root, start: Callable[..., Run]) -> None:
     run = start(TS_BOOT_TIMEOUT="1s")
     assert run.wait_exit() == 1
-    run.wait_contains("failed to read from tailscaled: context deadline exceeded")
+    run.wait_contains("reading tailscaled IPN bus: context deadline exceeded")
 
 
 # ---- proxy modes (fake netfilter) and sysctls ---------------------------------------------------------
