@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import sys
@@ -12,7 +11,7 @@ from typing import Any, NoReturn
 import click
 
 from containerboot import log
-from containerboot.settings import ConfigError, Settings, load
+from containerboot.settings import ConfigError, Settings, load, parse_host_ip, shown
 from firewall.model import FirewallError, IPAddress
 
 
@@ -41,10 +40,15 @@ def _detection(settings: Settings) -> Any:
 
 
 def _ips(values: Sequence[str], option: str) -> tuple[IPAddress, ...]:
-    try:
-        return tuple(ipaddress.ip_address(v) for v in values)
-    except ValueError as exc:
-        raise click.BadParameter(f"{exc}; expected an IPv4 or IPv6 address", param_hint=option) from None
+    """Addresses of one host each, checked like TS_DEST_IP: no zone, not unspecified, broadcast or multicast."""
+    out = []
+    for value in values:
+        try:
+            out.append(parse_host_ip(value))
+        except ValueError as exc:
+            raise click.BadParameter(f"{shown(value)} {exc}; expected an IPv4 or IPv6 address of one host, e.g. "
+                                     "100.64.0.1 or fd7a:115c:a1e0::1", param_hint=option) from None
+    return tuple(out)
 
 
 def _plan(settings: Settings, tailnet_ips: Sequence[str], target_addrs: Sequence[str],

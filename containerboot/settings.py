@@ -420,6 +420,9 @@ class _Env:
         where = f"{file_var}={shown(path)}"
         try:
             value = read_file(path)
+        except SecretFileError as exc:
+            raise ConfigError(file_var, f"{where} {exc}; expected the path of a regular file of at most "
+                                        f"{MAX_SECRET_BYTES} bytes holding {name}") from None
         except (OSError, ValueError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise ConfigError(file_var, f"{where} cannot be read ({reason}); "
@@ -434,6 +437,10 @@ class _Env:
 
 
 MAX_SECRET_BYTES = 65536
+
+
+class SecretFileError(ValueError):
+    """A secret file that is no regular file or too large (the text says which; never the content)."""
 
 
 def token_problem(value: str) -> str:
@@ -459,13 +466,13 @@ _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
 def read_secret_file(path: str) -> str:
     """A secret file's text: a regular file (or a symlink to one, as Kubernetes mounts Secrets) of at
     most MAX_SECRET_BYTES. Opened without blocking, so a FIFO or a device cannot hang us; raises
-    ValueError naming the problem (never the content)."""
+    SecretFileError naming the problem (never the content), OSError when it cannot be opened or read."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             kind = next((k for test, k in _KINDS if test(mode)), "not a regular file")
-            raise ValueError(f"it is {kind}, not a regular file")
+            raise SecretFileError(f"is {kind}, not a regular file")
         data = b""
         while len(data) <= MAX_SECRET_BYTES:
             chunk = os.read(fd, MAX_SECRET_BYTES + 1 - len(data))
@@ -473,7 +480,7 @@ def read_secret_file(path: str) -> str:
                 break
             data += chunk
         if len(data) > MAX_SECRET_BYTES:
-            raise ValueError(f"it is larger than {MAX_SECRET_BYTES} bytes")
+            raise SecretFileError(f"is larger than {MAX_SECRET_BYTES} bytes")
     finally:
         os.close(fd)
     return data.decode("latin-1")  # every byte maps to one character; token_problem rejects non-ASCII

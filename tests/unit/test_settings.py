@@ -221,3 +221,98 @@ def test_each_variable_alone(name: str, value: str) -> None:
                           Settings)
     except ConfigError as err:
         assert err.variable in str(err)
+
+
+# ---- hardening (issue 9): secrets look like one token, values cut short, Go's duration range ----------
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ("   ", "is blank (only whitespace)"),
+    ("\t\n", "is blank (only whitespace)"),
+    ("tskey-auth-a b", "has whitespace inside"),
+    ("tskey-auth-a\ntskey-auth-b", "holds 2 lines"),
+    ("tskey-auth-é", "has characters other than printable ASCII"),
+    ("tskey-auth-\x00", "has characters other than printable ASCII"),
+])
+def test_secret_given_directly_must_be_one_token(value: str, problem: str) -> None:
+    err = error({"TS_AUTHKEY": value})
+    assert err.variable == "TS_AUTHKEY" and problem in str(err) and "<redacted>" in str(err)
+    assert value.strip() == "" or value.strip() not in str(err)
+
+
+def test_secret_surrounding_whitespace_is_dropped() -> None:
+    assert load({"TS_AUTHKEY": f"  {SECRET}\n"}).authkey == SECRET
+    assert load({"TS_AUTHKEY": "file:/var/run/secrets/authkey"}).authkey == "file:/var/run/secrets/authkey"
+
+
+def test_secret_files_are_bounded_regular_files_holding_one_token(tmp_path: Path) -> None:
+    import os
+
+    from containerboot.settings import MAX_SECRET_BYTES
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "big").write_text("a" * (MAX_SECRET_BYTES + 1))
+    (tmp_path / "max").write_text("a" * MAX_SECRET_BYTES)
+    (tmp_path / "lines").write_text(f"{SECRET}\nsecond line\n")
+    cases = {str(tmp_path / "fifo"): "is a FIFO (named pipe), not a regular file",
+             str(tmp_path): "is a directory, not a regular file",
+             "/dev/null": "is a character device, not a regular file",
+             str(tmp_path / "big"): f"is larger than {MAX_SECRET_BYTES} bytes",
+             str(tmp_path / "lines"): "the file holds 2 lines, not one token"}
+    for path, problem in cases.items():
+        err = error({"TS_AUTHKEY_FILE": path})
+        assert err.variable == "TS_AUTHKEY_FILE" and problem in str(err), str(err)
+        assert SECRET not in str(err) and "second line" not in str(err)
+    assert load({"TS_AUTHKEY_FILE": str(tmp_path / "max")}).authkey == "a" * MAX_SECRET_BYTES
+
+
+def test_boot_timeout_beyond_go_duration_range_is_refused() -> None:
+    err = error({"TS_BOOT_TIMEOUT": "99999999999999999999h"})
+    assert err.variable == "TS_BOOT_TIMEOUT" and "is out of range" in str(err)
+    assert "is out of range" in str(error({"TS_BOOT_TIMEOUT": "2562048h"}))
+    assert "is out of range" in str(error({"TS_BOOT_TIMEOUT": "2562047h47m16.854775808s"}))
+    assert load({"TS_BOOT_TIMEOUT": "2562047h47m16.854775807s"}).boot_timeout == pytest.approx(9223372036.854775807)
+    assert parse_duration("-2562047h47m16.854775808s") == pytest.approx(-9223372036.854775808)  # Go's minimum
+    assert parse_duration("1.0000000000000000000000001s") == 1.0  # Go drops fraction digits past int64
+    assert parse_duration("+1h1h") == 7200 and parse_duration(".5us") == pytest.approx(5e-7)
+    for bad in (".s", "1..s", "1µ", "١s", "1 s"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+@pytest.mark.parametrize("value", ["0.0.0.0", "::", "255.255.255.255", "224.0.0.1", "ff02::1", "fe80::1%eth0"])
+def test_dest_and_target_ips_are_one_hosts_address(value: str) -> None:
+    for name in ("TS_DEST_IP", "TS_TAILNET_TARGET_IP"):
+        err = error({"TS_USERSPACE": "false", name: value})
+        assert err.variable == name and f'{name}="{value}"' in str(err)
+
+
+def test_long_rejected_value_is_cut_short() -> None:
+    value = "9" * 262144
+    for env in ({"TS_USERSPACE": "false", "TS_DEST_IP": value}, {"TS_ROUTES": value},
+                {"TS_BOOT_TIMEOUT": value}, {"POD_IPS": value}, {"TS_AUTHKEY_FILE": "/" + value}):
+        msg = str(error(env))
+        assert len(msg) < 400 and "…" in msg and "\n" not in msg, msg[:500]
+    msg = str(error({"TS_USERSPACE": "false", "TS_DEST_IP": value}))
+    assert msg.startswith('TS_DEST_IP="' + "9" * 64 + '…" (262144 characters) is not an IP address; expected ')
+    assert len(str(ConfigError("X", "x" * 10**6))) <= 1001
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ("0.0.0.0", "is the unspecified address"), ("::", "is the unspecified address"),
+    ("255.255.255.255", "is the broadcast address"), ("fe80::1%eth0", "is not an IP address"),
+    ("224.0.0.5", "is a multicast address"), ("1" * 5000, "is not an IP address"),
+])
+def test_tailnet_ip_option_is_checked_like_ts_dest_ip(value: str, problem: str) -> None:
+    from click.testing import CliRunner
+
+    from containerboot.cli import main
+
+    result = CliRunner().invoke(main, ["plan", "--tailnet-ip", value],
+                                env={"TS_USERSPACE": "false", "TS_DEST_IP": "10.0.0.5", "TS_TEST_FAKE_NETFILTER": "1"})
+    error_lines = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
+    assert result.exit_code == 2 and len(error_lines) == 1, result.output
+    assert "--tailnet-ip" in error_lines[0] and problem in error_lines[0] and len(error_lines[0]) < 300
+    ok = CliRunner().invoke(main, ["plan", "--tailnet-ip", "100.64.0.1"],
+                            env={"TS_USERSPACE": "false", "TS_DEST_IP": "10.0.0.5", "TS_TEST_FAKE_NETFILTER": "1"})
+    assert ok.exit_code == 0 and "dnat 100.64.0.1 -> 10.0.0.5" in ok.output, ok.output
