@@ -1,16 +1,32 @@
-"""The tailscaled and tailscale command lines (pure), and the tailscaled child process."""
+"""The tailscaled and tailscale command lines (pure), and the tailscaled child process.
+
+Children never outlive us and never see a secret they do not need:
+- each child asks the kernel for a signal when we die (PR_SET_PDEATHSIG: SIGTERM for tailscaled, so it
+  removes its rules and TUN device; SIGKILL for CLI commands), checked against the race where we die
+  before it is set;
+- tailscaled and the CLI get `child_env(environ)`, without TS_AUTHKEY, TS_CLIENT_SECRET, ... (they read
+  none of them: the CLI gets secrets through flags, tailscaled never);
+- a secret flag (--authkey, --client-secret, --id-token) is passed as `file:/proc/self/fd/N`, an
+  anonymous memory file (memfd) that only the CLI inherits, which the tailscale CLI reads itself
+  (cmd/tailscale/cli/up.go, resolveValueFromFile). Where memfd_create is unavailable the value goes to a
+  0600 file in a fresh 0700 directory on tmpfs (/dev/shm, else /run, else the temp dir), removed when
+  the command ends. Either way the secret is in no argv (/proc/<pid>/cmdline is world-readable).
+"""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
-from containerboot.settings import Settings
+from containerboot.settings import FILE_VARIABLES, SECRETS, Settings
 
 
 def tailscaled_argv(s: Settings) -> list[str]:
@@ -39,6 +55,7 @@ def _accept_dns(s: Settings) -> str:
 
 
 def up_argv(s: Settings) -> list[str]:
+    """Upstream's command line, secrets included: `run_cli` moves them out of the argv."""
     argv = ["tailscale", f"--socket={s.socket}", "up", _accept_dns(s)]
     for flag, value in (("authkey", s.authkey), ("client-id", s.client_id), ("client-secret", s.client_secret),
                         ("id-token", s.id_token), ("audience", s.audience)):
@@ -60,11 +77,19 @@ def set_argv(s: Settings) -> list[str]:
     return argv
 
 
-SECRET_FLAGS = ("--authkey=", "--client-secret=", "--id-token=")
+# Flags whose value is a secret; the pinned CLI reads each from a file when it starts with "file:".
+SECRET_FLAGS = ("--authkey=", "--auth-key=", "--client-secret=", "--id-token=")
+# Variables that hold a secret (or name the file that does): no child process gets them.
+SECRET_VARIABLES = frozenset(SECRETS) | frozenset(FILE_VARIABLES)
 
 
 def redact(argv: list[str]) -> str:
     return " ".join(a.split("=", 1)[0] + "=<redacted>" if a.startswith(SECRET_FLAGS) else a for a in argv)
+
+
+def child_env(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` without the secret variables (pure): what tailscaled and the CLI are started with."""
+    return {k: v for k, v in env.items() if k not in SECRET_VARIABLES}
 
 
 def find(name: str) -> str:
@@ -72,13 +97,142 @@ def find(name: str) -> str:
     return shutil.which(name) or name
 
 
-def run_cli(argv: list[str], timeout: float | None, stop: Callable[[], bool] = lambda: False) -> str | None:
-    """Run a tailscale CLI command; None on success, else what went wrong (Go's wording). `stop` is
-    polled so that a shutdown signal does not wait for a login that may block until the timeout."""
+# ---- children that die with us ---------------------------------------------------------------------
+
+PR_SET_PDEATHSIG = 1
+_prctl: Callable[..., int] | None = None
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    global _prctl
+    if _prctl is None:
+        try:
+            _prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):
+            return None
+    return _prctl
+
+
+def die_with_parent(sig: int) -> Callable[[], None] | None:
+    """A preexec_fn that makes the child receive `sig` when this thread's process dies.
+
+    It runs between fork and exec, so it only calls what it was handed (a resolved libc function,
+    getppid, _exit): no import, no lock, no allocation outside the interpreter's own, which is why it
+    is safe in our threaded process. If we died before the prctl took effect, the child has already
+    been re-parented, sees a different parent, and exits instead of running unsupervised.
+    Note: the kernel sends the signal when the *thread* that forked exits, so a child that must
+    outlive a short-lived thread must not be started from it (ours start from the main thread, or
+    from a thread that waits for them)."""
+    prctl = _load_prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(128 + sig)
+
+    return preexec
+
+
+# ---- secrets out of the argv ------------------------------------------------------------------------
+
+SECRET_DIRS = ("/dev/shm", "/run")
+
+
+@contextmanager
+def secret_argv(argv: list[str], use_memfd: bool = True,
+                dirs: tuple[str, ...] = SECRET_DIRS) -> Iterator[tuple[list[str], tuple[int, ...]]]:
+    """`argv` with each secret flag value replaced by `file:<path>`, and the fds the child must inherit.
+
+    The memory files are closed and the fallback files removed when the block ends, however it ends."""
+    fds: list[int] = []
+    made: list[str] = []
+    out: list[str] = []
     try:
-        proc = subprocess.Popen([find(argv[0]), *argv[1:]])
-    except OSError as exc:
+        for arg in argv:
+            flag, _, value = arg.partition("=")
+            if not arg.startswith(SECRET_FLAGS) or not value or value.startswith("file:"):
+                out.append(arg)
+                continue
+            data = value.encode()
+            fd = _memfd(data) if use_memfd else None
+            if fd is not None:
+                fds.append(fd)
+                out.append(f"{flag}=file:/proc/self/fd/{fd}")
+            else:
+                if not made:
+                    made.append(_private_dir(dirs))
+                path = os.path.join(made[0], flag.lstrip("-"))
+                _write_private(path, data)
+                out.append(f"{flag}=file:{path}")
+        yield out, tuple(fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        for d in made:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _memfd(data: bytes) -> int | None:
+    try:
+        fd = os.memfd_create("containerboot-secret", os.MFD_CLOEXEC)
+    except (OSError, AttributeError):  # ENOSYS on old kernels, EPERM under a strict seccomp profile
+        return None
+    try:
+        os.write(fd, data)  # a memfd takes a short value in one write
+        os.lseek(fd, 0, os.SEEK_SET)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _private_dir(dirs: tuple[str, ...]) -> str:
+    """A fresh 0700 directory on the first writable tmpfs-like place (never kept on disk if avoidable)."""
+    for base in (*dirs, tempfile.gettempdir()):
+        try:
+            return tempfile.mkdtemp(prefix="containerboot-", dir=base)
+        except OSError:
+            continue
+    raise OSError("no writable directory for a secret file (tried " + ", ".join(dirs) + " and the temp dir)")
+
+
+def _write_private(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+# ---- running things ----------------------------------------------------------------------------------
+
+
+def run_cli(argv: list[str], timeout: float | None, stop: Callable[[], bool] = lambda: False,
+            env: Mapping[str, str] | None = None) -> str | None:
+    """Run a tailscale CLI command; None on success, else what went wrong (Go's wording). `stop` is
+    polled so that a shutdown signal does not wait for a login that may block until the timeout.
+    Secrets travel as `file:` values, the child gets no secret variable and dies with us."""
+    try:
+        with secret_argv(argv) as (safe, fds):
+            try:
+                proc = subprocess.Popen([find(safe[0]), *safe[1:]], env=child_env(os.environ if env is None else env),
+                                        pass_fds=fds, preexec_fn=die_with_parent(signal.SIGKILL))
+            except (OSError, subprocess.SubprocessError) as exc:
+                return str(exc)
+            try:
+                return _wait_cli(proc, timeout, stop)
+            finally:
+                if proc.poll() is None:  # an exception on our side: never leave it running
+                    proc.kill()
+                    proc.wait()
+    except OSError as exc:  # no place for the secret
         return str(exc)
+
+
+def _wait_cli(proc: subprocess.Popen[bytes], timeout: float | None, stop: Callable[[], bool]) -> str | None:
     deadline = None if timeout is None else time.monotonic() + timeout
     while proc.poll() is None:
         if stop() or (deadline is not None and time.monotonic() >= deadline):
@@ -86,24 +240,36 @@ def run_cli(argv: list[str], timeout: float | None, stop: Callable[[], bool] = l
             proc.wait()
             return "interrupted by a shutdown signal" if stop() else "signal: killed (boot timeout)"
         try:
-            proc.wait(0.1)
+            proc.wait(0.05)
         except subprocess.TimeoutExpired:
             pass
     if proc.returncode == 0:
         return None
     if proc.returncode < 0:
-        return f"signal: {signal.Signals(-proc.returncode).name.lower().removeprefix('sig')}"
+        return f"signal: {go_signal_name(-proc.returncode)}"
     return f"exit status {proc.returncode}"
+
+
+def go_signal_name(signum: int) -> str:
+    """How Go's os.ProcessState names a signal ("killed", "terminated", "segmentation fault"): the C
+    library's description with a lower-case first letter, which is where Go's table comes from."""
+    text = signal.strsignal(signum) or f"signal {signum}"
+    return text[:1].lower() + text[1:]
 
 
 class Tailscaled:
     """The tailscaled child: started in its own process group, waited for by a thread of ours.
 
     Only `Popen.wait` on this one pid reaps it, so no other child's exit status is ever taken
-    (a PID 1 that calls waitpid(-1) makes `subprocess` report false success)."""
+    (a PID 1 that calls waitpid(-1) makes `subprocess` report false success). It gets SIGTERM
+    from the kernel if we die without stopping it (SIGKILL from the kubelet), and none of the
+    secret variables."""
 
     def __init__(self, argv: list[str], env: Mapping[str, str], on_exit: Callable[[int], None]) -> None:
-        self.proc = subprocess.Popen([find(argv[0]), *argv[1:]], env=dict(env), process_group=0)
+        # The parent-death signal follows the forking thread: only the main thread outlives tailscaled.
+        guard = die_with_parent(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+        self.proc = subprocess.Popen([find(argv[0]), *argv[1:]], env=child_env(env), process_group=0,
+                                     preexec_fn=guard)
         self.pid = self.proc.pid
         self._on_exit = on_exit
         threading.Thread(target=self._wait, name="tailscaled-wait", daemon=True).start()
@@ -127,8 +293,10 @@ class Tailscaled:
         return self.proc.wait()
 
 
-def wait_for_socket(path: str, deadline: float, alive: Callable[[], bool]) -> str | None:
-    """Poll every 100 ms until the socket exists; the problem as text when it does not."""
+def wait_for_socket(path: str, deadline: float, alive: Callable[[], bool],
+                    stop: Callable[[], bool] = lambda: False) -> str | None:
+    """Poll every 100 ms until the socket exists; the problem as text when it does not. `stop` (a
+    shutdown signal arrived) ends the wait at once."""
     while True:
         try:
             os.stat(path)
@@ -137,6 +305,8 @@ def wait_for_socket(path: str, deadline: float, alive: Callable[[], bool]) -> st
             pass
         except OSError as exc:
             return f"error waiting for tailscaled socket: {exc}"
+        if stop():
+            return "interrupted by a shutdown signal while waiting for tailscaled socket"
         if not alive():
             return "tailscaled exited before its socket appeared"
         if time.monotonic() >= deadline:
