@@ -106,6 +106,7 @@ class FakeLocalAPI:
         self.watchers: list[queue.Queue[dict[str, Any] | None]] = []
         self.requests: list[tuple[str, str, bytes]] = []
         self.lock = threading.Lock()
+        self.delays: dict[str, float] = {}  # path -> seconds to wait before answering (a slow tailscaled)
         self.server = _UnixHTTPServer(path, self._handler())
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -159,6 +160,8 @@ class FakeLocalAPI:
                 body = self.rfile.read(length) if length else b""
                 path = self.path.split("?", 1)[0]
                 api.requests.append((self.command, path, body))
+                if api.delays.get(path):
+                    time.sleep(api.delays[path])
                 route = (self.command, path)
                 if route == ("GET", "/localapi/v0/watch-ipn-bus"):
                     return self._watch()
