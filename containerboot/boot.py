@@ -508,7 +508,10 @@ class Boot:
         self.child = tailscaled.Tailscaled(tailscaled.tailscaled_argv(s), self.env, self.on_tailscaled_exit)
         log.info(f"Waiting for tailscaled socket at {s.socket}")
         problem = tailscaled.wait_for_socket(s.socket, deadline, lambda: self.child is not None
-                                             and self.child.proc.poll() is None)
+                                             and self.child.proc.poll() is None,
+                                             stop=lambda: bool(self.stop_requested))
+        if self.stop_requested:
+            self.common(Event("signal", self.stop_requested))
         if problem:
             if self.child.proc.poll() is not None:
                 self.common(Event("tailscaled-exit", self.child.proc.returncode))
