@@ -233,7 +233,7 @@ class Server:
             if hasattr(socket, "TCP_DEFER_ACCEPT"):  # accept() only once a client has sent something
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, int(REQUEST_TIMEOUT))
             sock.bind(address)
-            sock.listen(128)
+            sock.listen(socket.SOMAXCONN)  # as Go listens: deferred (silent) clients wait in the kernel
             sock.setblocking(False)
         except OSError:
             sock.close()
