@@ -128,7 +128,7 @@ class Boot:
         """Detect the backend (kernel mode only) and return tailscaled's environment."""
         from firewall.detect import DetectionError, detect, make_driver
 
-        env = dict(os.environ)
+        env = tailscaled.child_env(os.environ)  # no secret variable reaches tailscaled
         s = self.s
         if s.cert_share:
             env["TS_CERT_SHARE_MODE"] = "rw" if s.pod_name.endswith("-0") else "ro"
