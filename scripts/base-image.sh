@@ -1,45 +1,80 @@
 #!/usr/bin/env bash
 # No registry is reachable here, so the Dockerfile's base comes from Debian's packages: debootstrap a
-# minimal bookworm root, slim it the way debian:bookworm-slim is slimmed, and `docker import` it.
-# Prints the image reference. The rootfs tarball is cached, so a warm machine only imports it.
+# minimal bookworm root, slim it the way debian:bookworm-slim is slimmed, and load it into Docker.
+#   scripts/base-image.sh [PLATFORM]     PLATFORM: linux/amd64 or linux/arm64 (default: this machine's)
+# Prints the image reference: containerboot-base:bookworm for this machine's architecture, and
+# containerboot-base:bookworm-<arch> for another (that tag is set for this machine's architecture too, so
+# BASE='containerboot-base:bookworm-{arch}' names the right one for every platform in build_docker.sh).
+# A foreign root is made with `debootstrap --foreign` and its second stage run in a chroot under qemu
+# (scripts/qemu-binfmt.sh); about 2 minutes for arm64 on 2 cores, against 1 natively.
+# The rootfs tarball is cached under $CACHE/base, named after the architecture and a hash of the recipe
+# below (suite, variant, what is left out); the image carries that hash in a label, so a changed recipe
+# makes a new tarball and a new image, and a warm machine only loads the tarball (or does nothing).
 set -euo pipefail
+cd "$(dirname "$0")/.."
 IMAGE=${BASE_IMAGE:-containerboot-base:bookworm}
 CACHE=${CONTAINERBOOT_CACHE:-/var/cache/containerboot}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-if docker image inspect "$IMAGE" >/dev/null 2>&1; then
-  echo "$IMAGE"
-  exit 0
-fi
-tarball=$CACHE/base/bookworm-minbase.tar
-if [ ! -f "$tarball" ]; then
-  command -v debootstrap >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap >/dev/null
-  root=$(mktemp -d)
-  trap 'rm -rf "$root"' EXIT
-  mkdir -p "$root/etc/dpkg/dpkg.cfg.d"
-  # What debian:*-slim leaves out: documentation, manuals and translations.
-  cat > "$root/etc/dpkg/dpkg.cfg.d/slim" <<'CFG'
-path-exclude /usr/share/doc/*
+SUITE=bookworm
+host_arch=$(dpkg --print-architecture)
+platform=${1:-linux/$host_arch}
+arch=${platform#linux/}
+arch=${arch%%/*}
+case $arch in
+  amd64 | arm64) ;;
+  *) echo "base-image: unsupported platform $platform (linux/amd64, linux/arm64)" >&2; exit 1 ;;
+esac
+ref=$IMAGE
+[ "$arch" = "$host_arch" ] || ref=$IMAGE-$arch
+
+# What debian:*-slim leaves out: documentation, manuals and translations.
+SLIM='path-exclude /usr/share/doc/*
 path-include /usr/share/doc/*/copyright
 path-exclude /usr/share/man/*
 path-exclude /usr/share/info/*
 path-exclude /usr/share/locale/*
 path-exclude /usr/share/lintian/*
-path-exclude /usr/share/linda/*
-CFG
-  debootstrap --variant=minbase bookworm "$root" "$MIRROR" >/dev/null
+path-exclude /usr/share/linda/*'
+# Bump the 1 when the steps below change what ends up in the root.
+key=$(printf '1 %s minbase %s\n%s\n' "$SUITE" "$arch" "$SLIM" | sha1sum | cut -c1-10)
+
+have=$(docker image inspect --format '{{index .Config.Labels "containerboot.base.key"}}' "$IMAGE-$arch" 2>/dev/null || true)
+if [ "$have" = "$key" ]; then
+  docker image inspect "$ref" >/dev/null 2>&1 || docker tag "$IMAGE-$arch" "$ref"
+  echo "$ref"
+  exit 0
+fi
+
+tarball=$CACHE/base/$SUITE-minbase-$arch-$key.tar
+if [ ! -f "$tarball" ]; then
+  command -v debootstrap >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap >/dev/null
+  root=$(mktemp -d)
+  trap 'rm -rf "$root"' EXIT
+  mkdir -p "$root/etc/dpkg/dpkg.cfg.d"
+  printf '%s\n' "$SLIM" > "$root/etc/dpkg/dpkg.cfg.d/slim"
+  if [ "$arch" = "$host_arch" ]; then
+    debootstrap --variant=minbase "$SUITE" "$root" "$MIRROR" >/dev/null
+  else
+    scripts/qemu-binfmt.sh "$arch"
+    debootstrap --arch="$arch" --variant=minbase --foreign "$SUITE" "$root" "$MIRROR" >/dev/null
+    chroot "$root" /debootstrap/debootstrap --second-stage >/dev/null
+  fi
   cat > "$root/etc/apt/sources.list" <<SRC
-deb $MIRROR bookworm main
-deb $MIRROR bookworm-updates main
-deb http://deb.debian.org/debian-security bookworm-security main
+deb $MIRROR $SUITE main
+deb $MIRROR $SUITE-updates main
+deb http://deb.debian.org/debian-security $SUITE-security main
 SRC
   # debootstrap unpacks its first packages without dpkg, so the excludes above missed those: apply them.
   find "$root/usr/share/doc" -mindepth 1 -not -name copyright -not -type d -delete
   find "$root/usr/share/doc" -mindepth 1 -type d -empty -delete
   rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb \
-         "$root"/usr/share/man/* "$root"/usr/share/info/* "$root"/usr/share/locale/* "$root"/var/log/*
+         "$root"/usr/share/man/* "$root"/usr/share/info/* "$root"/usr/share/locale/* "$root"/var/log/* \
+         "$root"/debootstrap
   mkdir -p "$(dirname "$tarball")"
   tar -C "$root" --numeric-owner -cf "$tarball.tmp" .
   mv "$tarball.tmp" "$tarball"
 fi
-docker import -c 'CMD ["bash"]' "$tarball" "$IMAGE" >/dev/null
-echo "$IMAGE"
+python3 scripts/docker-archive.py "$tarball" "$IMAGE-$arch" "$arch" "containerboot.base.key=$key" \
+  | docker load >/dev/null
+[ "$ref" = "$IMAGE-$arch" ] || docker tag "$IMAGE-$arch" "$ref"
+echo "$ref"
