@@ -106,10 +106,23 @@ IMAGE_TAGS+=,ts_omit_bird,ts_omit_captiveportal,ts_omit_completion,ts_omit_qrcod
 IMAGE_TAGS+=,ts_omit_webbrowser,ts_omit_colorable,ts_omit_debugeventbus,ts_omit_syspolicy
 
 if [ "${1:-}" = "--image" ]; then
+  # GOARCH picks the image's architecture (default: this machine's; another one gets its own directory, with
+  # a -GOARCH suffix). A cross build has cgo off, so it is static, as upstream's release binaries are.
+  goarch=${GOARCH:-$(go env GOHOSTARCH)}
   image=$CACHE/bin/tailscaled-image-$TAILSCALE_VERSION-$(echo "$IMAGE_TAGS" | sha1sum | cut -c1-8)
+  [ "$goarch" = "$(go env GOHOSTARCH)" ] || image+=-$goarch
   if [ ! -x "$image/tailscaled" ]; then
     mkdir -p "$image"
-    GOBIN=$image go install -tags "$IMAGE_TAGS" -ldflags "-s -w" "tailscale.com/cmd/tailscaled@$TAILSCALE_VERSION"
+    if [ "$goarch" = "$(go env GOHOSTARCH)" ]; then
+      GOBIN=$image go install -tags "$IMAGE_TAGS" -ldflags "-s -w" "tailscale.com/cmd/tailscaled@$TAILSCALE_VERSION"
+    else
+      # go install refuses GOBIN for a cross build; it puts the binary in $GOPATH/bin/linux_$GOARCH instead.
+      gopath=$(mktemp -d)
+      GOARCH=$goarch GOPATH=$gopath go install -tags "$IMAGE_TAGS" -ldflags "-s -w" \
+        "tailscale.com/cmd/tailscaled@$TAILSCALE_VERSION"
+      mv "$gopath/bin/linux_$goarch/tailscaled" "$image/tailscaled"
+      rm -rf "$gopath"
+    fi
   fi
   echo "$image"
   exit 0
