@@ -61,6 +61,7 @@ class Lab:
     def __init__(self, lab_dir: Path, size_line: str) -> None:
         self.dir = lab_dir
         self.size_line = size_line
+        self.build_log = ""
         self.network = f"{NAME}-net"
         self.containers: list[str] = []
         self.volumes: list[str] = []
@@ -143,6 +144,7 @@ def lab() -> Iterator[Lab]:
     for f in lab_dir.iterdir():
         f.chmod(0o644)
     result = Lab(lab_dir, size_line)
+    result.build_log = build.stderr
     try:
         docker("network", "create", "--subnet", f"{NET_PREFIX}.0/24", result.network)
         result.run("hs", "--ip", CONTROL_IP, image=HEADSCALE_IMAGE, command=("serve", "-c", "/lab/headscale.yaml"),
@@ -234,3 +236,37 @@ def test_old_manifests_entrypoint_run_sh(lab: Lab) -> None:
                   check=False)
     assert proc.returncode == 1
     assert "TS_BOOT_TIMEOUT" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_image_is_under_100_mb_and_prints_its_layers(lab: Lab) -> None:
+    # build_docker.sh prints each layer's size, then the total; the image carries only what runs.
+    assert int(lab.size_line.split()[2]) < 100, lab.size_line
+    layers = lab.build_log.split(f"layers of {IMAGE} (linux/", 1)[1].split("image size:", 1)[0]
+    names = [line.split()[-1] for line in layers.strip().splitlines()[1:]]
+    assert names == ["system", "tailscaled", "containerboot"], lab.build_log
+
+
+def test_image_carries_both_netfilter_variants_and_no_package_manager(lab: Lab) -> None:
+    script = ("iptables-legacy -V && iptables-nft -V && ip6tables-legacy -V && ip6tables-nft -V && iptables -V && "
+              "nft -V | head -n 1 && ip -V && python3 -c 'import nftables, ssl; print(ssl.OPENSSL_VERSION)' && "
+              "if command -v apt-get || command -v dpkg; then exit 1; fi")
+    proc = docker("run", "--rm", "--network", "none", "--entrypoint", "/bin/sh", IMAGE, "-c", script, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout.splitlines()
+    assert out[:5] == ["iptables v1.8.9 (legacy)", "iptables v1.8.9 (nf_tables)", "ip6tables v1.8.9 (legacy)",
+                       "ip6tables v1.8.9 (nf_tables)", "iptables v1.8.9 (nf_tables)"], out
+    assert out[5].startswith("nftables v") and out[6].startswith("ip utility") and out[7].startswith("OpenSSL"), out
+
+
+def test_boot_writes_no_bytecode(lab: Lab) -> None:
+    # The image has the bytecode of every module a boot imports (kernel mode: detection, both drivers'
+    # modules, the health endpoint): a module without it would be compiled and written at run time.
+    node = lab.run("pyc", *kernel_args(), env=lab.node_env(TS_USERSPACE="false", TS_DEST_IP=BACKEND_IP,
+                                                           TS_ENABLE_HEALTH_CHECK="true"))
+    lab.tailnet_ip(node)
+    assert wait_for(lambda: "Startup complete" in lab.logs(node), 30, 0.5), lab.logs(node)
+    # (`containerboot healthcheck` asks [::1], which a container without IPv6 lacks: the endpoint directly.)
+    docker("exec", node, "python3", "-c", FETCH, "http://127.0.0.1:9002/healthz")
+    docker("exec", node, "containerboot", "status")
+    written = [line for line in docker("diff", node).stdout.splitlines() if line.endswith((".pyc", "__pycache__"))]
+    assert not written, written
