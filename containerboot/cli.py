@@ -1,18 +1,14 @@
-"""Command line: bare `containerboot` boots; the subcommands inspect and drive the firewall."""
+"""Entry point. Bare `containerboot` is the boot program and imports only what booting needs; the
+subcommands (containerboot/commands.py) pay for click, which the boot path does not load."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any, NoReturn
-
-import click
+from typing import NoReturn
 
 from containerboot import log
-from containerboot.settings import ConfigError, Settings, load, parse_host_ip, shown
-from firewall.model import FirewallError, IPAddress
+from containerboot.settings import ConfigError, Settings, load
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -30,137 +26,15 @@ def settings_or_exit() -> Settings:
     return settings
 
 
-def _detection(settings: Settings) -> Any:
-    from firewall.detect import DetectionError, detect
+def boot() -> NoReturn:
+    from containerboot import boot
 
-    try:
-        return detect(os.environ, fake=settings.fake_netfilter, fake_ipv6=settings.fake_netfilter_6)
-    except DetectionError as exc:
-        _fail(str(exc))
+    sys.exit(boot.main(settings_or_exit()))
 
 
-def _ips(values: Sequence[str], option: str) -> tuple[IPAddress, ...]:
-    """Addresses of one host each, checked like TS_DEST_IP: no zone, not unspecified, broadcast or multicast."""
-    out = []
-    for value in values:
-        try:
-            out.append(parse_host_ip(value))
-        except ValueError as exc:
-            raise click.BadParameter(f"{shown(value)} {exc}; expected an IPv4 or IPv6 address of one host, e.g. "
-                                     "100.64.0.1 or fd7a:115c:a1e0::1", param_hint=option) from None
-    return tuple(out)
+def main() -> None:
+    if len(sys.argv) <= 1:
+        boot()
+    from containerboot.commands import commands
 
-
-def _plan(settings: Settings, tailnet_ips: Sequence[str], target_addrs: Sequence[str],
-          families: Sequence[int] = (4, 6)) -> Any:
-    from containerboot import dns, proxy
-
-    backends: tuple[IPAddress, ...] = ()
-    if settings.dest_dns_name:
-        try:
-            backends = dns.lookup(settings.dest_dns_name)
-        except OSError as exc:
-            _fail(f"resolving TS_EXPERIMENTAL_DEST_DNS_NAME: {exc}")
-    inputs = proxy.Inputs(_ips(tailnet_ips, "--tailnet-ip"),
-                          proxy.egress_targets(settings, _ips(target_addrs, "--target-addr")), backends)
-    try:
-        plan, notes = proxy.plan(settings, inputs, families)
-    except proxy.ProxyError as exc:
-        _fail(str(exc))
-    for note in notes:
-        log.info(note)
-    return plan
-
-
-tailnet_ip_option = click.option("--tailnet-ip", "tailnet_ips", multiple=True, required=True, metavar="IP",
-                                 help="The node's tailnet address (repeat for IPv4 and IPv6).")
-target_addr_option = click.option(
-    "--target-addr", "target_addrs", multiple=True, metavar="IP",
-    help="Addresses TS_TAILNET_TARGET_FQDN resolves to (at run time the netmap resolves it).")
-
-
-@click.group(invoke_without_command=True)
-@click.pass_context
-def main(ctx: click.Context) -> None:
-    """Entrypoint for Tailscale containers. Without a subcommand: boot tailscaled and keep its rules."""
-    if ctx.invoked_subcommand is None:
-        from containerboot import boot
-
-        sys.exit(boot.main(settings_or_exit()))
-
-
-@main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def detect(as_json: bool) -> None:
-    """Print the netfilter backend (nf_tables or legacy), then the evidence, one line each."""
-    detection = _detection(settings_or_exit())
-    click.echo(json.dumps(detection.to_json()) if as_json else "\n".join(detection.lines()))
-
-
-@main.command()
-@tailnet_ip_option
-@target_addr_option
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def plan(tailnet_ips: tuple[str, ...], target_addrs: tuple[str, ...], as_json: bool) -> None:
-    """Print the rules the environment asks for; touches nothing."""
-    result = _plan(settings_or_exit(), tailnet_ips, target_addrs)
-    click.echo(json.dumps(result.to_json()) if as_json else str(result))
-
-
-@main.command()
-@tailnet_ip_option
-@target_addr_option
-def apply(tailnet_ips: tuple[str, ...], target_addrs: tuple[str, ...]) -> None:
-    """Install the rules the environment asks for, in the detected (or forced) backend."""
-    from firewall.detect import make_driver
-
-    settings = settings_or_exit()
-    detection = _detection(settings)
-    result = _plan(settings, tailnet_ips, target_addrs, detection.families)
-    try:
-        make_driver(detection).apply(result)
-    except FirewallError as exc:
-        _fail(str(exc))
-    log.info(f"applied {len(result.rules)} rules with {detection.backend} ({detection.variant})")
-
-
-@main.command()
-def flush() -> None:
-    """Remove every rule, chain and table containerboot owns, in both backends, and nothing else."""
-    from firewall.iptables import IptablesDriver, legacy_tables
-    from firewall.nftables import NftablesDriver, open_libnft
-
-    settings = settings_or_exit()
-    if settings.fake_netfilter:
-        return
-    try:
-        NftablesDriver(open_libnft(os.environ.get("CONTAINERBOOT_NFT") or None)[0]).flush()
-    except (FirewallError, OSError, ImportError) as exc:
-        log.info(f"nftables: nothing to flush ({exc})")
-    if legacy_tables(4) or legacy_tables(6):
-        try:
-            IptablesDriver().flush()
-        except (FirewallError, ImportError) as exc:
-            _fail(str(exc))
-
-
-@main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def status(as_json: bool) -> None:
-    """Print the rules containerboot owns in the detected backend, as read back from the kernel."""
-    from firewall.detect import make_driver
-
-    detection = _detection(settings_or_exit())
-    found = make_driver(detection).installed()
-    if as_json:
-        click.echo(json.dumps({"backend": detection.backend, "rules": found.to_json()}))
-    else:
-        click.echo(f"{detection.variant}\n{found}")
-
-
-@main.command()
-def healthcheck() -> None:
-    """Exit 0 when the node is healthy (for a Docker HEALTHCHECK), else 1."""
-    from containerboot import health
-
-    sys.exit(health.check(settings_or_exit()))
+    commands()

@@ -32,7 +32,6 @@ import selectors
 import socket
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -119,6 +118,8 @@ def _handler(health: Health | None, metrics: LocalAPI | None, debug: str) -> typ
         def _debug(self) -> None:
             if not debug:
                 return self._send(404, b"debug endpoint not configured\n")
+            import urllib.request  # only with TS_DEBUG_ADDR_PORT: it brings ssl and email (about 4 MiB)
+
             length = int(self.headers.get("Content-Length") or 0)
             req = urllib.request.Request(f"http://{debug}{self.path}", method=self.command,
                                          data=self.rfile.read(length) if length else None)
@@ -571,6 +572,8 @@ def check(s: Settings) -> int:
     tailscaled directly (Running with a tailnet address), so it works with no endpoint enabled."""
     url = health_url(s)
     if url:
+        import urllib.request
+
         try:
             with urllib.request.urlopen(url, timeout=5) as resp:
                 print(f"healthy: {url} answered {resp.status}")

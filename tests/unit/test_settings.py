@@ -306,7 +306,7 @@ def test_long_rejected_value_is_cut_short() -> None:
 def test_tailnet_ip_option_is_checked_like_ts_dest_ip(value: str, problem: str) -> None:
     from click.testing import CliRunner
 
-    from containerboot.cli import main
+    from containerboot.commands import commands as main
 
     result = CliRunner().invoke(main, ["plan", "--tailnet-ip", value],
                                 env={"TS_USERSPACE": "false", "TS_DEST_IP": "10.0.0.5", "TS_TEST_FAKE_NETFILTER": "1"})
