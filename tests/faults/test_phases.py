@@ -114,6 +114,7 @@ def test_sigterm_in_each_phase(root: Root, phase: str) -> None:
         took = time.monotonic() - sent
         run.wait_exit(10)
         assert code == 0, run.output
+        print(f"\n{phase}: SIGTERM -> exit {took * 1000:.0f} ms")
         assert took < SLACK, f"{phase}: exit {took:.2f} s after SIGTERM\n{run.output}"
         assert gone(tailscaled), "tailscaled outlived containerboot"
     finally:
@@ -129,6 +130,7 @@ def test_boot_timeout_in_each_phase(root: Root, phase: str) -> None:
         late = time.monotonic() - (began + BOOT_TIMEOUT)
         run.wait_exit(10)
         assert code == 1, run.output
+        print(f"\n{phase}: exit {late * 1000:+.0f} ms from the boot timeout (counted from process start)")
         # Measured from the process start, which is before the boot's own clock starts (interpreter start-up).
         assert -0.2 < late < SLACK + 0.5, f"{phase}: exit {late:+.2f} s from the boot timeout\n{run.output}"
         assert gone(tailscaled), "tailscaled outlived containerboot"
