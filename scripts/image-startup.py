@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Start-up time of an image's boot path: container start to containerboot's "Starting tailscaled" line.
 
-Usage: image-startup.py IMAGE [RUNS] [--platform P]
+Usage: image-startup.py IMAGE [RUNS] [--platform P] [--mode userspace|kernel]
 
 For each mode (userspace, the default; kernel, which also detects and probes the netfilter backend) the
 image is started RUNS times (default 9) with no network at all (--network none: tailscaled never reaches
@@ -63,8 +63,11 @@ def main() -> int:
     ap.add_argument("image")
     ap.add_argument("runs", nargs="?", type=int, default=9)
     ap.add_argument("--platform")
+    ap.add_argument("--mode", choices=MODES, action="append", help="default: both")
     args = ap.parse_args()
     for mode, extra in MODES.items():
+        if args.mode and mode not in args.mode:
+            continue
         times = [one(args.image, extra, args.platform) * 1000 for _ in range(args.runs)]
         print(f"{args.image} {mode}: median {statistics.median(times):.0f} ms "
               f"(min {min(times):.0f}, max {max(times):.0f}, {args.runs} runs)")
