@@ -13,6 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IMAGE=${BASE_IMAGE:-containerboot-base:bookworm}
+case ${IMAGE##*/} in *:*) ;; *) IMAGE=$IMAGE:latest ;; esac  # the -<arch> suffix goes on the tag
 CACHE=${CONTAINERBOOT_CACHE:-/var/cache/containerboot}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
