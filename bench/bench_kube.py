@@ -43,7 +43,8 @@ def one_run(net: Tailnet, api: KubeAPI, impl: str, n: int) -> dict[str, float]:
     pod = KubePod(net, api, api.create_namespace("bench"), ns, f"k{n}-0")
     backend = f"198.18.{n}.2"
     env = net.containerboot_env(f"k{n}", TS_USERSPACE="false", TS_DEST_IP=backend, TS_ENABLE_HEALTH_CHECK="true",
-                                TS_LOCAL_ADDR_PORT="127.0.0.1:9002", **pod.env)
+                                TS_LOCAL_ADDR_PORT="127.0.0.1:9002", TS_LOG_FORMAT="json" if impl == "ours" else "text",
+                                **pod.env)
     exe = net.bins["containerboot-upstream"] if impl == "upstream" else str(ROOT / ".venv/bin/containerboot")
     start = time.monotonic()
     run = Run(env, argv=net.private_run(ns, [exe], pod.setup))
