@@ -563,7 +563,9 @@ def health_url(s: Settings) -> str:
     if not addr:
         return ""
     ip, port = parse_addr_port(addr)
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(str(ip), str(ip))
+    # "[::]" listens on both families; a container often has no IPv6 at all (Docker's default), so ask
+    # over IPv4 loopback, which that listener accepts too.
+    host = {"0.0.0.0": "127.0.0.1", "::": "127.0.0.1"}.get(str(ip), str(ip))
     return f"http://[{host}]:{port}/healthz" if ":" in host else f"http://{host}:{port}/healthz"
 
 
