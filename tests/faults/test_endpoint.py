@@ -28,7 +28,7 @@ import pytest
 from tests.conftest import need
 from tests.lab.fakes import Root, Run, free_port, netmap, temp_root
 
-FLOOD_SECONDS = 25.0
+FLOOD_SECONDS = 60  # the issue asks that the boot keep running for 60 s under the flood
 PROBE_EVERY = 0.5
 PROBE_TIMEOUT = 3.0  # a kubelet probe gives 1 s by default; one SYN retransmit is 1 s more
 MAX_THREADS = 16
