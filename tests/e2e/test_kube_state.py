@@ -93,3 +93,29 @@ def test_refused_key_is_reissued_through_the_secret(net: Tailnet, boot: Callable
     assert again.status().get("BackendState") == "Running"
     assert wait_for(lambda: pod.secret().get("device_id"), 10)
     assert bogus not in run.output
+
+
+def test_config_published_by_kubelet_reaches_tailscaled(net: Tailnet, boot: Callable[..., Booted],
+                                                        tmp_path: Path) -> None:
+    # One-step config as the operator writes it; a kubelet-style ..data swap with a new hostname and a new
+    # route reaches the running tailscaled through reload-config, with no restart.
+    ns, _, n = site(net, "cfg")
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    cfg.chmod(0o755)
+    key = net.authkey()
+
+    def config(host: str, routes: list[str]) -> dict[str, str]:
+        return {"cap-95.hujson": json.dumps({"Version": "alpha0", "AuthKey": key, "ServerURL": CONTROL,
+                                             "Hostname": host, "AdvertiseRoutes": routes})}
+
+    kubelet_publish(cfg, config(f"cfg{n}", []), 1)
+    node = boot(ns, f"cfg{n}", TS_USERSPACE="false", TS_EXPERIMENTAL_VERSIONED_CONFIG_DIR=str(cfg),
+                TS_EXTRA_ARGS=None, TS_HOSTNAME=None, TS_AUTHKEY=None)
+    pid = node.run.proc.pid
+    kubelet_publish(cfg, config(f"cfg{n}-renamed", [f"198.18.{n}.0/24"]), 2)
+    node.run.wait_log("tailscaled config watch: config was reloaded", timeout=15)
+    assert wait_for(lambda: node.status()["Self"]["HostName"] == f"cfg{n}-renamed", 15), node.status()["Self"]
+    prefs = json.loads(net.cli(node.node, "debug", "prefs"))
+    assert prefs.get("AdvertiseRoutes") == [f"198.18.{n}.0/24"], prefs
+    assert node.run.proc.pid == pid and node.run.proc.poll() is None
