@@ -67,7 +67,8 @@ def one_run(net: Tailnet, api: KubeAPI, impl: str, n: int) -> dict[str, float]:
         run.stop()
         pod.close()
     if "-v" in sys.argv:
-        print(f"--- {impl} (started {time.strftime('%H:%M:%S', time.localtime(time.time() - (time.monotonic() - start)))})\n" + run.output, file=sys.stderr)
+        began = time.strftime("%H:%M:%S", time.localtime(time.time() - (time.monotonic() - start)))
+        print(f"--- {impl} (started {began})\n" + run.output, file=sys.stderr)
     return {"ready": ready, "rss": rss}
 
 
