@@ -448,7 +448,7 @@ class IptablesDriver:
             if legacy_tables(fam) & {"nat", "mangle"}:
                 raw = in_child(lambda fam=fam: _read(fam))  # type: ignore[misc]
                 rules |= parse(fam, [Spec.from_json(d) for d in raw])
-        return Plan(frozenset(rules))
+        return Plan.read_back(rules)
 
     def probe(self, fam: int) -> None:
         in_child(lambda: _probe(fam))

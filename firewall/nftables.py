@@ -33,6 +33,7 @@ from firewall.model import (
     Rule,
     Snat,
     addr_key,
+    addr_text,
     rule_order,
 )
 
@@ -148,15 +149,17 @@ def rule_exprs(rule: Rule) -> list[tuple[str, list[Json]]]:
     fam = rule.family
     match rule:
         case Dnat() if len(rule.to) > 1:
-            targets = {"set": [[i, str(t)] for i, t in enumerate(rule.to)]}
+            targets = {"set": [[i, addr_text(t)] for i, t in enumerate(rule.to)]}
             numgen = {"numgen": {"mode": "inc", "mod": len(rule.to), "offset": 0}}
-            return [("prerouting", [_match(_payload(fam, "daddr"), str(rule.match)),
+            return [("prerouting", [_match(_payload(fam, "daddr"), addr_text(rule.match)),
                                     {"dnat": {"addr": {"map": {"key": numgen, "data": targets}}}}])]
         case DnatNonTailnet():
             # iifname, not upstream's oifname: in prerouting the output interface is always empty.
-            return [("prerouting", [_match(_meta("iifname"), rule.iface, "!="), {"dnat": {"addr": str(rule.to)}}])]
+            return [("prerouting", [_match(_meta("iifname"), rule.iface, "!="),
+                                    {"dnat": {"addr": addr_text(rule.to)}}])]
         case Snat():
-            return [("postrouting", [_match(_payload(fam, "daddr"), str(rule.dst)), {"snat": {"addr": str(rule.to)}}])]
+            return [("postrouting", [_match(_payload(fam, "daddr"), addr_text(rule.dst)),
+                                     {"snat": {"addr": addr_text(rule.to)}}])]
         case MssClamp():
             return [("forward", clamp_expr("oifname", rule.iface)), ("forward", clamp_expr("iifname", rule.iface))]
     return []
@@ -175,7 +178,7 @@ def _ref(fam: int, **kw: Any) -> Json:
 
 
 def _elements(rules: Iterable[Rule]) -> list[list[str]]:
-    return [list(r.texts()) for r in rules if isinstance(r, Dnat)]
+    return [[addr_text(r.match), addr_text(r.to[0])] for r in rules if isinstance(r, Dnat)]
 
 
 def chain_rules(fam: int, rules: list[Rule]) -> list[Json]:
@@ -206,14 +209,13 @@ def full_table(fam: int, plan: Plan) -> list[Json]:
 
 
 def update_table(fam: int, have: Plan, want: Plan) -> list[Json]:
-    """The smallest change from `have` to `want`. The set differences run in C over cached hashes,
-    so only the changed rules are visited: map elements by key, and, when any other rule changed,
+    """The smallest change from `have` to `want`: map elements by key, and, when any other rule changed,
     the three chains flushed and written again (they hold a handful of rules)."""
-    gone, added = have.difference(want), want.difference(have)
+    gone, added = have.rules - want.rules, want.rules - have.rules
     cmds: list[Json] = []
     keys = sorted((r.match for r in gone if isinstance(r, Dnat) and _is_mapped(r)), key=addr_key)
     if keys:
-        cmds.append({"delete": {"element": _ref(fam, name=MAP, elem=[str(m) for m in keys])}})
+        cmds.append({"delete": {"element": _ref(fam, name=MAP, elem=[addr_text(m) for m in keys])}})
     new = sorted((r for r in added if isinstance(r, Dnat) and _is_mapped(r)), key=lambda r: addr_key(r.match))
     if new:
         cmds.append({"add": {"element": _ref(fam, name=MAP, elem=_elements(new))}})
@@ -422,7 +424,7 @@ class NftablesDriver:
             read = self._read(fam, terse=False)
             if read:
                 rules |= read.rules
-        return Plan(frozenset(rules))
+        return Plan.read_back(rules)
 
     def probe(self, fam: int) -> None:
         """Create and delete a NAT base chain: fails where nf_tables or its NAT support is missing."""

@@ -89,6 +89,18 @@ def test_plan_rejects_ambiguous_rules() -> None:
         Plan.of(DnatNonTailnet(a("100.64.0.7")), DnatNonTailnet(a("100.64.0.8")))
 
 
+def test_read_back_turns_overlapping_rules_into_drift() -> None:
+    """Rules read from the kernel may overlap (someone added a second DNAT for our address): one of them
+    reads as Foreign, and the plan is built instead of raising PlanError."""
+    one, two = Dnat(a("100.64.0.1"), (a("10.0.0.5"),)), Dnat(a("100.64.0.1"), (a("10.0.0.6"),))
+    with pytest.raises(PlanError):
+        Plan.of(one, two)
+    found = Plan.read_back([one, two, MssClamp(4)])
+    assert sorted(type(r).__name__ for r in found.rules) == ["Dnat", "Foreign", "MssClamp"]
+    assert found == Plan.read_back([two, one, MssClamp(4)])  # the same one, whatever the order
+    assert Plan.read_back([one, MssClamp(4)]) == Plan.of(one, MssClamp(4))
+
+
 def test_iptables_rendering_matches_upstream_shapes() -> None:
     plan = Plan.of(Dnat(a("100.64.0.1"), (a("10.0.0.5"),)), DnatNonTailnet(a("100.64.0.7")),
                    Snat(a("100.64.0.7"), a("100.64.0.1")), MssClamp(4),
