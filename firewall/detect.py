@@ -68,6 +68,7 @@ class Probes:
     iptables_version: Callable[[], str | None] | None = None
     _libnft: Any = None
     _libnft_why: str = ""
+    _iptables: Any = None
 
     def libnft(self) -> Any:
         if self._libnft is None:
@@ -75,6 +76,19 @@ class Probes:
 
             self._libnft, self._libnft_why = open_libnft(self.nft_path)
         return self._libnft
+
+    def iptables(self) -> Any:
+        """One driver (two worker processes) for every iptables probe and census of this detection."""
+        if self._iptables is None:
+            from firewall.iptables import IptablesDriver
+
+            self._iptables = IptablesDriver()
+        return self._iptables
+
+    def close(self) -> None:
+        if self._iptables is not None:
+            self._iptables.close()
+            self._iptables = None
 
     def run_probe(self, backend: str, fam: int) -> None:
         """Raises FirewallError when `backend` cannot do NAT for `fam` here."""
@@ -86,9 +100,7 @@ class Probes:
 
                 NftablesDriver(self.libnft(), (fam,)).probe(fam)
             else:
-                from firewall.iptables import IptablesDriver
-
-                IptablesDriver((fam,)).probe(fam)
+                self.iptables().probe(fam)
         except FirewallError:
             raise
         except Exception as exc:  # noqa: BLE001 - a missing library or binary is a failed probe
@@ -98,9 +110,18 @@ class Probes:
         if backend in self.census:
             return self.census[backend]()
         try:
-            return _nft_census(self.libnft()) if backend == "nftables" else _ipt_census()
+            return _nft_census(self.libnft()) if backend == "nftables" else self._ipt_census()
         except Exception as exc:  # noqa: BLE001 - an unreadable backend is evidence, not a crash
             return Census(0, error=str(exc))
+
+    def _ipt_census(self) -> Census:
+        from firewall.xtables import tables
+
+        if not (tables(4) or tables(6)):
+            return Census(0)  # no legacy table was ever opened here: nothing to count, no process to start
+        rows = self.iptables().census()
+        hints = tuple(f"ipv{fam} {table}/{chain}" for fam, table, chain, _ in rows if chain in KUBE_HINTS)
+        return Census(sum(n for *_, n in rows), hints)
 
     def version(self) -> str | None:
         return self.iptables_version() if self.iptables_version else iptables_version()
@@ -112,17 +133,6 @@ def _nft_census(libnft: Any) -> Census:
     hints = tuple(f"{c['family']} {c['table']}/{c['name']}" for o in objs
                   if (c := o.get("chain")) and c.get("name") in KUBE_HINTS)
     return Census(rules, hints)
-
-
-def _ipt_census() -> Census:
-    from firewall.iptables import census
-
-    rules, hints = 0, []
-    for fam in (4, 6):
-        found = census(fam)
-        rules += found["rules"]
-        hints += [f"ipv{fam} {h}" for h in found["hints"]]
-    return Census(rules, tuple(hints))
 
 
 def iptables_version() -> str | None:
@@ -160,12 +170,21 @@ def _from_rules(probes: Probes) -> tuple[str | None, list[str]]:
 
 def detect(env: Mapping[str, str], probes: Probes | None = None, fake: bool = False,
            fake_ipv6: bool = True) -> Detection:
-    probes = probes or Probes(nft_path=env.get("CONTAINERBOOT_NFT") or None)
     mode = env.get("TS_DEBUG_FIREWALL_MODE", "").strip().lower()
     if fake:
         backend = mode if mode in BACKENDS else "iptables"
         return Detection(backend, ("TS_TEST_FAKE_NETFILTER=true: in-memory fake driver, nothing probed",),
                          (4, 6) if fake_ipv6 else (4,), fake=True)
+    if probes is not None:
+        return _detect(mode, probes)
+    own = Probes(nft_path=env.get("CONTAINERBOOT_NFT") or None)
+    try:
+        return _detect(mode, own)
+    finally:
+        own.close()
+
+
+def _detect(mode: str, probes: Probes) -> Detection:
 
     evidence: list[str] = []
     forced = mode in BACKENDS

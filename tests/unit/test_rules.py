@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from containerboot import proxy
 from containerboot.settings import load
-from firewall import iptables, nftables
+from firewall import iptables, nftables, xtables
 from firewall.model import Dnat, DnatNonTailnet, Foreign, IPAddress, MssClamp, Plan, PlanError, Rule, Snat
 
 a = ipaddress.ip_address
@@ -67,6 +67,21 @@ def test_iptables_rendering_reads_back_as_the_plan(plan: Plan) -> None:
         assert iptables.parse(fam, iptables.render(plan, fam)) == set(plan.only(fam).rules)
 
 
+@settings(max_examples=100, deadline=None)
+@given(plans(), st.sampled_from([0, 1, 2]))
+def test_iptables_entries_decode_to_their_specs(plan: Plan, dnat: int) -> None:
+    """Every rule's kernel entry, in each DNAT revision, decodes to the Spec it was encoded from, and the
+    chain as the worker returns it reads back as the plan."""
+    for fam in (4, 6):
+        rev = dnat if fam == 4 or dnat else 1  # DNAT revision 0 is IPv4 only
+        entries: dict[str, tuple[int, list[bytes]]] = {c: (1, []) for c in iptables.CHAINS}
+        for spec in iptables.render(plan, fam):
+            entry = iptables.encode(fam, spec, rev)
+            assert len(entry) % 8 == 0 and iptables.decode(fam, spec.chain, entry) == spec
+            entries[spec.chain][1].append(entry)
+        assert iptables.read_back(fam, entries) == set(plan.only(fam).rules)
+
+
 def test_unknown_content_reads_back_as_foreign() -> None:
     plan = Plan.of(Dnat(a("100.64.0.1"), (a("10.0.0.5"),)))
     objs = listed(nftables.full_table(4, plan))
@@ -78,6 +93,17 @@ def test_unknown_content_reads_back_as_foreign() -> None:
     assert nftables.parse_table(4, no_lookup).rules == frozenset()
     odd = iptables.Spec(iptables.PRE, "ACCEPT", dst="10.9.9.9")
     assert iptables.parse(4, [odd]) == {Foreign(4, str(odd))}
+    # An entry this program does not write (here: -j ACCEPT) reads as Foreign, with words for it.
+    accept = xtables.LAYOUT[4].standard(-2)
+    assert iptables.decode(4, iptables.PRE, accept) is None
+    assert iptables.read_back(4, {iptables.PRE: (1, [accept])}) == {Foreign(4, iptables.describe(4, iptables.PRE,
+                                                                                                accept))}
+    # Two jumps to an owned chain, or a second DNAT for the same address, are drift, not a crash.
+    dnat = iptables.encode(4, iptables.Spec(iptables.PRE, "DNAT", "10.0.0.5", dst="100.64.0.1"))
+    assert any(isinstance(r, Foreign) for r in iptables.read_back(4, {iptables.PRE: (2, [dnat])}))
+    other = iptables.encode(4, iptables.Spec(iptables.PRE, "DNAT", "10.0.0.6", dst="100.64.0.1"))
+    found = Plan.read_back(iptables.read_back(4, {iptables.PRE: (1, [dnat, other])}))
+    assert sorted(type(r).__name__ for r in found.rules) == ["Dnat", "Foreign"]
 
 
 def test_plan_rejects_ambiguous_rules() -> None:
@@ -105,14 +131,15 @@ def test_iptables_rendering_matches_upstream_shapes() -> None:
     plan = Plan.of(Dnat(a("100.64.0.1"), (a("10.0.0.5"),)), DnatNonTailnet(a("100.64.0.7")),
                    Snat(a("100.64.0.7"), a("100.64.0.1")), MssClamp(4),
                    Dnat(a("100.64.0.9"), (a("10.0.0.1"), a("10.0.0.2"))))
+    # As iptables-save prints them (tests/netns/test_xtables.py holds the kernel's copy to this).
     text = [str(s) for s in iptables.render(plan, 4)]
     assert text == [
-        "-A CONTAINERBOOT-PREROUTING -d 100.64.0.1 -j DNAT --to-destination 10.0.0.5",
-        "-A CONTAINERBOOT-PREROUTING -d 100.64.0.9 -m statistic --every 2 --mode nth --packet 0 "
+        "-A CONTAINERBOOT-PREROUTING -d 100.64.0.1/32 -j DNAT --to-destination 10.0.0.5",
+        "-A CONTAINERBOOT-PREROUTING -d 100.64.0.9/32 -m statistic --mode nth --every 2 --packet 0 "
         "-j DNAT --to-destination 10.0.0.2",
-        "-A CONTAINERBOOT-PREROUTING -d 100.64.0.9 -j DNAT --to-destination 10.0.0.1",
-        "-A CONTAINERBOOT-PREROUTING -i !tailscale0 -j DNAT --to-destination 100.64.0.7",
-        "-A CONTAINERBOOT-POSTROUTING -d 100.64.0.7 -j SNAT --to-source 100.64.0.1",
+        "-A CONTAINERBOOT-PREROUTING -d 100.64.0.9/32 -j DNAT --to-destination 10.0.0.1",
+        "-A CONTAINERBOOT-PREROUTING ! -i tailscale0 -j DNAT --to-destination 100.64.0.7",
+        "-A CONTAINERBOOT-POSTROUTING -d 100.64.0.7/32 -j SNAT --to-source 100.64.0.1",
         "-A CONTAINERBOOT-FORWARD -o tailscale0 -p tcp -m tcp --tcp-flags SYN,RST SYN -j TCPMSS --clamp-mss-to-pmtu",
         "-A CONTAINERBOOT-FORWARD -i tailscale0 -p tcp -m tcp --tcp-flags SYN,RST SYN -j TCPMSS --clamp-mss-to-pmtu",
     ]
@@ -184,3 +211,15 @@ def test_cluster_traffic_via_ingress() -> None:
               "TS_SERVE_CONFIG": "/s.json", "POD_IP": "10.1.0.9"})
     plan, _ = proxy.plan(s, proxy.Inputs((TS4,)))
     assert plan == Plan.of(Dnat(a("10.1.0.9"), (TS4,)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(plans(), st.sampled_from([0, 1, 2]))
+def test_iptables_chain_entries_are_the_rendering_encoded(plan: Plan, dnat: int) -> None:
+    """The fast path (single-target DNATs spliced into a template) writes what render() and encode() write."""
+    for fam in (4, 6):
+        rev = dnat if fam == 4 or dnat else 1
+        slow: dict[str, list[bytes]] = {c: [] for c in iptables.CHAINS}
+        for spec in iptables.render(plan, fam):
+            slow[spec.chain].append(iptables.encode(fam, spec, rev))
+        assert iptables.chain_entries(plan, fam, rev) == slow

@@ -1,0 +1,450 @@
+"""Legacy xtables tables (the kernel's ip_tables and ip6_tables) as the kernel holds them.
+
+A table is one blob of entries, read with IPT_SO_GET_INFO + IPT_SO_GET_ENTRIES and replaced whole
+with IPT_SO_SET_REPLACE (then IPT_SO_SET_ADD_COUNTERS gives the surviving rules their counters
+back): what libiptc does for iptables-legacy and iptables-legacy-restore. An entry is a fixed IP
+header, its matches and one target. Chains exist only by convention: a user chain is an ERROR
+entry carrying its name, its rules and an unconditional RETURN; a built-in chain starts at its
+hook's entry offset and ends with its policy at the hook's underflow offset. A jump is a standard
+target whose verdict is the byte offset of the rule it continues at.
+
+`splice` rewrites chosen chains of a table and leaves every other entry as it was, moving the jump
+offsets that point past a change. Only the standard library is used, so that the worker process
+that runs this (firewall/iptables_worker.py) starts in about 15 ms and holds about 10 MB; it has no
+libxtables, and so no per-family limit on which extensions one process can build.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import struct
+from bisect import bisect_right
+from collections.abc import Iterable, Mapping
+from functools import cached_property
+
+NAMES_FILE = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
+HOOKS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
+SO_SET_REPLACE = SO_GET_INFO = 64  # IPT_BASE_CTL; IP6T_* share the numbers
+SO_SET_ADD_COUNTERS = SO_GET_ENTRIES = 65
+ACCEPT, RETURN = -2, -5  # standard verdicts: -NF_ACCEPT - 1, XT_RETURN
+HDR = 32  # struct xt_entry_match / xt_entry_target header: u16 size, char name[29], u8 revision
+I32, U16x2 = struct.Struct("=i"), struct.Struct("=HH")
+GETINFO = struct.Struct("=32sI5I5III")  # struct ipt_getinfo
+GET_ENTRIES = struct.Struct("=32sI4x")  # struct ipt_get_entries (without the entries)
+REPLACE = struct.Struct("=32sIII5I5IIQ")  # struct ipt_replace (without the entries)
+COUNTERS_INFO = struct.Struct("=32sIxxxx")  # struct xt_counters_info (without the counters)
+COUNTER = 16  # struct xt_counters: u64 packets, u64 bytes
+
+
+class TableError(Exception):
+    """The kernel refused, or a table cannot be rewritten safely; `errno` when the kernel said so."""
+
+    def __init__(self, message: str, errno: int = 0) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+def align(n: int) -> int:
+    return (n + 7) & ~7  # XT_ALIGN: the alignment of u64 on the platforms Linux runs iptables on
+
+
+class Layout:
+    """Sizes and offsets of struct ipt_entry (IPv4) or struct ip6t_entry (IPv6)."""
+
+    def __init__(self, fam: int) -> None:
+        v6 = fam == 6
+        self.fam = fam
+        self.af = socket.AF_INET6 if v6 else socket.AF_INET
+        self.level = socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP
+        self.so_get_revision_target = 69 if v6 else 67
+        self.addr_len = 16 if v6 else 4
+        # the IP part: src, dst, smsk, dmsk, iniface, outiface, iniface_mask, outiface_mask, proto, (tos,) flags, inv
+        self.ip = struct.Struct("=16s16s16s16s16s16s16s16sHBBB3x" if v6 else "=4s4s4s4s16s16s16s16sHBB")
+        self.size = 168 if v6 else 112  # entry header: ip, nfcache, target_offset, next_offset, comefrom, counters
+        self.offsets_at = self.ip.size + 4  # u16 target_offset, u16 next_offset
+        self.comefrom_at = self.offsets_at + 4
+        self.counters_at = self.size - COUNTER
+        self.tail = struct.Struct("=IHHI" + ("4x" if v6 else "") + "QQ")  # after the IP part
+        self.zero_ip = bytes(self.ip.size)
+
+    def entry(self, ip: bytes, matches: bytes, target: bytes) -> bytes:
+        target_offset = self.size + len(matches)
+        return ip + self.tail.pack(0, target_offset, target_offset + len(target), 0, 0, 0) + matches + target
+
+    def standard(self, verdict: int) -> bytes:
+        """An unconditional entry with a standard target: a policy, a RETURN, or a jump (verdict = offset)."""
+        return self.entry(self.zero_ip, b"", ext("", I32.pack(verdict)))
+
+    def error(self, name: str) -> bytes:
+        """A user chain's head (or, named ERROR, the table's end)."""
+        return self.entry(self.zero_ip, b"", ext("ERROR", name.encode().ljust(30, b"\0")[:30]))
+
+
+LAYOUT = {4: Layout(4), 6: Layout(6)}
+
+
+def ext(name: str, data: bytes, revision: int = 0) -> bytes:
+    """A match or target: the header and its data, padded to the alignment."""
+    size = align(HDR + len(data))
+    return struct.pack("=H29sB", size, name.encode(), revision) + data.ljust(size - HDR, b"\0")
+
+
+def tables(fam: int) -> set[str]:
+    """Legacy tables instantiated in this network namespace (reading this file creates none)."""
+    try:
+        with open(NAMES_FILE[fam]) as f:
+            return set(f.read().split())
+    except OSError:
+        return set()
+
+
+# ---- one table, parsed --------------------------------------------------------------------------------
+
+
+class Chain:
+    __slots__ = ("name", "hook", "start", "body", "end", "stop", "index")
+
+    def __init__(self, name: str, hook: int | None, start: int, body: int, end: int, stop: int, index: int) -> None:
+        self.name = name
+        self.hook = hook  # the hook of a built-in chain
+        self.start = start  # its first entry: the ERROR head of a user chain, the first rule of a built-in one
+        self.body = body  # its first rule (where jumps to it land)
+        self.end = end  # its last entry: the RETURN of a user chain, the policy of a built-in one
+        self.stop = stop  # the offset after `end`
+        self.index = index  # entry number of `start`
+
+
+class Table:
+    """A table as read from the kernel, with counters and internal marks zeroed (`blob`): two reads of an
+    unchanged table give the same `info` and `blob`. Its chains are worked out only when asked for."""
+
+    def __init__(self, lay: Layout, name: str, info: tuple[int, ...], raw: bytes) -> None:
+        self.lay, self.name, self.info = lay, name, info  # info: valid_hooks, hook_entry, underflow, num_entries
+        self.valid_hooks = info[0]
+        self.hook_entry, self.underflow = info[1:6], info[6:11]
+        self.num_entries = info[11]
+        blob = bytearray(raw)
+        offs: list[int] = []
+        jumps: list[tuple[int, int, int]] = []  # (entry, position of its verdict, verdict)
+        errors: list[int] = []
+        zero = bytes(COUNTER + 4)
+        at, comefrom, size, o = lay.offsets_at, lay.comefrom_at, len(blob), 0
+        unpack, verdict = U16x2.unpack_from, I32.unpack_from
+        while o < size:
+            target_offset, next_offset = unpack(blob, o + at)
+            if next_offset < lay.size or target_offset < lay.size or target_offset + HDR > next_offset:
+                raise TableError(f"{name}: malformed entry at offset {o}")
+            t = o + target_offset
+            blob[o + comefrom:o + comefrom + 4 + COUNTER] = zero
+            if blob[t + 2] == 0:  # the standard target has an empty name
+                v = verdict(blob, t + HDR)[0]
+                if v >= 0:
+                    jumps.append((o, t + HDR, v))
+            elif blob[t + 2:t + 8] == b"ERROR\0":
+                errors.append(o)
+            offs.append(o)
+            o += next_offset
+        if len(offs) != self.num_entries or not errors or errors[-1] != offs[-1]:
+            raise TableError(f"{name}: {len(offs)} entries, expected {self.num_entries} ending with ERROR")
+        self.raw, self.blob, self.offs, self.jumps, self._errors = raw, bytes(blob), offs, jumps, errors
+
+    @cached_property
+    def index(self) -> dict[int, int]:
+        """Entry number by offset."""
+        return {o: i for i, o in enumerate(self.offs)}
+
+    @cached_property
+    def chains(self) -> list[Chain]:
+        """The chains in table order."""
+        hooks = {self.hook_entry[h]: h for h in range(len(HOOKS)) if self.valid_hooks & (1 << h)}
+        errors, offs, index = self._errors, self.offs, self.index
+        starts = sorted({*hooks, *errors[:-1]})
+        chains: list[Chain] = []
+        for n, start in enumerate(starts):
+            stop = starts[n + 1] if n + 1 < len(starts) else errors[-1]
+            i = index.get(start)
+            last = index.get(stop, len(offs)) - 1
+            if i is None or last < i:
+                raise TableError(f"{self.name}: a chain starts inside an entry at offset {start}")
+            if start in hooks:
+                h = hooks[start]
+                chain = Chain(HOOKS[h], h, start, start, offs[last], stop, i)
+                if chain.end != self.underflow[h]:
+                    raise TableError(f"{self.name}: the policy of {HOOKS[h]} is not its last entry")
+            else:
+                t = start + U16x2.unpack_from(self.blob, start + self.lay.offsets_at)[0]
+                label = self.blob[t + HDR:t + HDR + 30].split(b"\0", 1)[0].decode(errors="replace")
+                chain = Chain(label, None, start, offs[i + 1] if i + 1 <= last else stop, offs[last], stop, i)
+            chains.append(chain)
+        return chains
+
+    @cached_property
+    def by_name(self) -> dict[str, Chain]:
+        return {c.name: c for c in self.chains}
+
+    def entries(self, chain: Chain) -> list[bytes]:
+        """The rules of a chain (without its head, RETURN or policy), counters zeroed."""
+        first, last = self.index[chain.body], self.index[chain.end]
+        bounds = [*self.offs[first:last], chain.end]
+        return [self.blob[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+    def jumps_to(self, chain: Chain, within: Chain | None = None) -> list[int]:
+        """Offsets of the entries that jump (or go) to `chain`, optionally only those inside `within`."""
+        return [o for o, _, v in self.jumps if v == chain.body
+                and (within is None or within.start <= o < within.stop)]
+
+
+class Spliced:
+    """A table rewritten by `splice`, ready for `Kernel.replace`."""
+
+    __slots__ = ("blob", "entries", "hook_entry", "underflow", "counters", "offs")
+
+    def __init__(self, blob: bytes, entries: int, hook_entry: list[int], underflow: list[int],
+                 counters: list[tuple[int, int, int]], offs: list[int]) -> None:
+        self.blob, self.entries, self.hook_entry, self.underflow = blob, entries, hook_entry, underflow
+        self.counters = counters  # runs of (new entry number, old entry number, count) that keep their counters
+        self.offs = offs  # where each entry starts
+
+    def counters_from(self, old: bytes) -> bytes:
+        """The counters to add back after the replace, from those the kernel returned for the old table."""
+        out = bytearray(self.entries * COUNTER)
+        for new, src, n in self.counters:
+            out[new * COUNTER:(new + n) * COUNTER] = old[src * COUNTER:(src + n) * COUNTER]
+        return bytes(out)
+
+
+def mask(lay: Layout, raw: bytes, offs: Iterable[int]) -> bytes:
+    """`raw` with the counters and internal marks of the entries at `offs` zeroed: what Table.blob holds
+    when the entries start there (a table read again costs this loop, not a parse)."""
+    blob = bytearray(raw)
+    zero, at = bytes(COUNTER + 4), lay.comefrom_at
+    for o in offs:
+        blob[o + at:o + at + 4 + COUNTER] = zero
+    return bytes(blob)
+
+
+def splice(table: Table, owned: Mapping[str, tuple[str | None, list[bytes] | None]]) -> Spliced:
+    """Rewrite the chains in `owned` ({chain: (built-in chain that jumps to it, or None for no jump; its new
+    rules, or None to remove it)}) and keep every other entry as it is. A chain that stays is reached by
+    exactly one jump from its built-in chain: the first one found stays where it is; when there is none,
+    one goes at the top. A new chain goes among the user chains in name order, as iptables puts it."""
+    lay = table.lay
+    drop: set[int] = set()  # old jump entries that go
+    add_jump: dict[str, list[str]] = {}  # built-in chain -> owned chains it gets a new jump to
+    for name, (base, rules) in owned.items():
+        if base is not None and (table.by_name.get(base) is None or table.by_name[base].hook is None):
+            raise TableError(f"{table.name}: no built-in chain {base} for {name}")
+        old = table.by_name.get(name)
+        if old is not None and old.hook is not None:
+            raise TableError(f"{table.name}: {name} is a built-in chain")
+        found = table.jumps_to(old, table.by_name[base]) if old and base else []
+        if old is not None and rules is None:
+            others = len(table.jumps_to(old)) - len(found)
+            if others:
+                raise TableError(f"{table.name}: chain {name} is the target of {others} rule(s) outside {base}")
+        drop.update(found if rules is None else found[1:])
+        if base is not None and rules is not None and not found:
+            add_jump.setdefault(base, []).append(name)
+
+    # The new table as pieces: ("copy", start, stop) keeps old entries; ("entry", bytes, 1) is a new head or
+    # RETURN; ("rules", bytes, count, chain) the rules of an owned chain; ("jump", bytes, 1, chain) a new jump.
+    pieces: list[tuple[str, int, int] | tuple[str, bytes, int] | tuple[str, bytes, int, str]] = []
+    first_piece: dict[str, int] = {}  # built-in chain -> its first piece
+
+    def emit_owned(name: str) -> None:
+        rules = owned[name][1]
+        assert rules is not None
+        pieces.append(("entry", lay.error(name), 1))
+        pieces.append(("rules", b"".join(rules), len(rules), name))
+        pieces.append(("entry", lay.standard(RETURN), 1))
+
+    pending = sorted(n for n, (_, r) in owned.items() if r is not None and n not in table.by_name)
+    for chain in table.chains:
+        if chain.hook is None:
+            while pending and pending[0] < chain.name:
+                emit_owned(pending.pop(0))
+            if chain.name in owned:
+                if owned[chain.name][1] is not None:
+                    emit_owned(chain.name)
+                continue
+        else:
+            first_piece[chain.name] = len(pieces)
+            for target in add_jump.get(chain.name, ()):
+                pieces.append(("jump", lay.standard(0), 1, target))
+        pos = chain.start
+        for o in sorted(o for o in drop if chain.start <= o < chain.stop):
+            if pos < o:
+                pieces.append(("copy", pos, o))
+            pos = o + U16x2.unpack_from(table.blob, o + lay.offsets_at)[1]
+        pieces.append(("copy", pos, chain.stop))  # never empty: the policy or RETURN is not dropped
+    while pending:
+        emit_owned(pending.pop(0))
+    pieces.append(("copy", table.offs[-1], len(table.blob)))  # the table's closing ERROR entry
+
+    # Lay them out: where each old entry went, where each owned chain's rules start.
+    moved: list[tuple[int, int, int]] = []  # (old start, old stop, new start), ascending
+    piece_at: list[int] = []
+    bodies: dict[str, int] = {}
+    runs: list[tuple[int, int, int]] = []
+    parts: list[bytes] = []
+    offs: list[int] = []
+    offset = count = 0
+    for piece in pieces:
+        piece_at.append(offset)
+        if piece[0] == "copy":
+            a, b = piece[1], piece[2]
+            assert isinstance(a, int)
+            first = table.index[a]
+            n = table.index.get(b, len(table.offs)) - first
+            moved.append((a, b, offset))
+            runs.append((count, first, n))
+            parts.append(table.blob[a:b])
+            shift = offset - a
+            offs += [o + shift for o in table.offs[first:first + n]]
+            offset, count = offset + b - a, count + n
+            continue
+        data, n = piece[1], piece[2]
+        assert isinstance(data, bytes)
+        if piece[0] != "rules":
+            offs.append(offset)
+        else:
+            at = offset
+            for rule in owned[piece[3]][1] or ():  # type: ignore[misc]
+                offs.append(at)
+                at += len(rule)
+            name = piece[3]  # type: ignore[misc]
+            bodies[name] = offset
+            old = table.by_name.get(name)
+            if old is not None:  # a rewritten chain: the rules that stay keep their counters
+                index: dict[bytes, list[int]] = {}
+                for k, rule in enumerate(table.entries(old), start=table.index[old.body]):
+                    index.setdefault(rule, []).append(k)
+                for k, rule in enumerate(owned[name][1] or ()):
+                    if index.get(rule):
+                        runs.append((count + k, index[rule].pop(0), 1))
+        parts.append(data)
+        offset, count = offset + len(data), count + n
+    blob = bytearray(b"".join(parts))
+    starts = [m[0] for m in moved]
+
+    def relocate(v: int) -> int:
+        """Where the old entry at offset `v` (or the owned chain whose rules started there) is now."""
+        for name, (_, rules) in owned.items():
+            old = table.by_name.get(name)
+            if old is not None and v == old.body:
+                if rules is None:
+                    raise TableError(f"{table.name}: a rule still jumps to {name}")
+                return bodies[name]
+        k = bisect_right(starts, v) - 1
+        if k >= 0 and v < moved[k][1]:
+            return v - moved[k][0] + moved[k][2]
+        raise TableError(f"{table.name}: a rule jumps to offset {v}, where nothing stays")
+
+    for o, pos, v in table.jumps:  # jumps in the entries that were kept
+        k = bisect_right(starts, o) - 1
+        if k >= 0 and o < moved[k][1]:
+            new = relocate(v)
+            if new != v:
+                I32.pack_into(blob, pos - moved[k][0] + moved[k][2], new)
+    for k, piece in enumerate(pieces):
+        if piece[0] == "jump":
+            I32.pack_into(blob, piece_at[k] + lay.size + HDR, bodies[piece[3]])  # type: ignore[misc]
+    hook_entry, underflow = list(table.hook_entry), list(table.underflow)
+    for chain in table.chains:
+        if chain.hook is not None:
+            hook_entry[chain.hook] = piece_at[first_piece[chain.name]]
+            underflow[chain.hook] = relocate(chain.end)
+    return Spliced(bytes(blob), count, hook_entry, underflow, runs, offs)
+
+
+# ---- the kernel --------------------------------------------------------------------------------------
+
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.getsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint)]
+libc.setsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint]
+
+
+class Kernel:
+    """The ip_tables or ip6_tables socket options of this network namespace, through one raw socket."""
+
+    def __init__(self, fam: int) -> None:
+        self.lay = LAYOUT[fam]
+        self._sock: socket.socket | None = None
+        self._buffers: dict[str, ctypes.Array[ctypes.c_char]] = {}
+
+    def _fd(self) -> int:
+        if self._sock is None:
+            try:
+                self._sock = socket.socket(self.lay.af, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            except OSError as exc:
+                raise TableError(f"cannot open a raw socket: {os.strerror(exc.errno or 0)}", exc.errno or 0) from None
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _get(self, opt: int, buf: ctypes.Array[ctypes.c_char], what: str) -> None:
+        size = ctypes.c_uint(len(buf))
+        if libc.getsockopt(self._fd(), self.lay.level, opt, buf, ctypes.byref(size)) != 0:
+            err = ctypes.get_errno()
+            raise TableError(f"{what}: {os.strerror(err)}", err)
+
+    def info(self, table: str) -> tuple[int, ...]:
+        """valid_hooks, hook_entry[5], underflow[5], num_entries, size. This instantiates the table in
+        this network namespace when it was not yet (and fails when its module is missing)."""
+        buf = ctypes.create_string_buffer(GETINFO.pack(table.encode(), 0, *[0] * 10, 0, 0), GETINFO.size)
+        self._get(SO_GET_INFO, buf, f"table {table}")
+        return GETINFO.unpack(buf.raw)[1:]
+
+    def read(self, table: str) -> Table:
+        return Table(self.lay, table, *self.read_raw(table))
+
+    def read_raw(self, table: str) -> tuple[tuple[int, ...], bytes]:
+        """(valid_hooks, hook_entry[5], underflow[5], num_entries) and the entries as the kernel gives them."""
+        for _ in range(5):  # the table may change size between the two calls
+            info = self.info(table)
+            size = info[-1]
+            buf = self._buffers.get(table)
+            if buf is None or len(buf) != GET_ENTRIES.size + size:
+                # Kept for the next read of the same size: a fresh 4 MB buffer costs its page faults each time.
+                buf = self._buffers[table] = ctypes.create_string_buffer(GET_ENTRIES.size + size)
+            GET_ENTRIES.pack_into(buf, 0, table.encode(), size)
+            try:
+                self._get(SO_GET_ENTRIES, buf, f"table {table}")
+            except TableError as exc:
+                if exc.errno == 11 or exc.errno == 22:  # EAGAIN, EINVAL: replaced meanwhile
+                    continue
+                raise
+            return info[:-1], ctypes.string_at(ctypes.addressof(buf) + GET_ENTRIES.size, size)
+        raise TableError(f"table {table}: changing too fast to be read")
+
+    def replace(self, table: Table, blob: bytes, entries: int, hook_entry: Iterable[int],
+                underflow: Iterable[int]) -> bytes:
+        """Install `blob` in place of `table`; returns the old table's counters (EAGAIN when it changed)."""
+        old = ctypes.create_string_buffer(max(1, table.num_entries * COUNTER))
+        head = REPLACE.pack(table.name.encode(), table.valid_hooks, entries, len(blob), *hook_entry, *underflow,
+                            table.num_entries, ctypes.addressof(old))
+        data = ctypes.create_string_buffer(head + blob, len(head) + len(blob))
+        if libc.setsockopt(self._fd(), self.lay.level, SO_SET_REPLACE, data, len(data)) != 0:
+            err = ctypes.get_errno()
+            raise TableError(f"table {table.name}: {os.strerror(err)}", err)
+        return old.raw[:table.num_entries * COUNTER]
+
+    def target_revision(self, name: str, revisions: Iterable[int]) -> int | None:
+        """The first of `revisions` of target `name` this kernel has (None: none, or the module is missing)."""
+        for revision in revisions:
+            buf = ctypes.create_string_buffer(struct.pack("=29sB", name.encode(), revision), 30)
+            size = ctypes.c_uint(len(buf))
+            opt = self.lay.so_get_revision_target
+            if libc.getsockopt(self._fd(), self.lay.level, opt, buf, ctypes.byref(size)) >= 0:
+                return revision
+        return None
+
+    def add_counters(self, table: str, counters: bytes) -> None:
+        data = ctypes.create_string_buffer(COUNTERS_INFO.pack(table.encode(), len(counters) // COUNTER) + counters)
+        libc.setsockopt(self._fd(), self.lay.level, SO_SET_ADD_COUNTERS, data, len(data) - 1)

@@ -1,0 +1,205 @@
+"""The iptables driver's entries and table rewrites against the kernel and iptables-legacy itself, in
+fresh namespaces: iptables -C finds each rule we wrote as the one it would write, iptables-save prints
+them as our Specs say, someone else's chains, jumps, gotos, policies and counters come through our
+rewrites untouched, and the drift check sees a rule replaced by one of the same size."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import textwrap
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import need_root, python_exe
+from tests.lab.netns import Lab
+
+pytestmark = pytest.mark.root
+
+PLAN = textwrap.dedent("""
+    import ipaddress, json, sys
+    from firewall.iptables import CHAINS, IptablesDriver, render
+    from firewall.model import Dnat, DnatNonTailnet, MssClamp, Plan, Snat
+    A = ipaddress.ip_address
+    def plan(fam, moved=False):
+        if fam == 4:
+            ts, peer, be = A("100.64.0.1"), A("100.64.0.7"), [A("198.18.2.2"), A("198.18.2.3"), A("198.18.2.4")]
+            other = A("100.64.0.9")
+        else:
+            ts, peer, be = A("fd7a::1"), A("fd7a::7"), [A("fd18:2::2"), A("fd18:2::3"), A("fd18:2::4")]
+            other = A("fd7a::9")
+        return Plan.of(Dnat(ts, (be[0],)), Dnat(other, (be[2] if moved else be[1],)), Dnat(peer, tuple(be)),
+                       DnatNonTailnet(peer), Snat(peer, ts), MssClamp(fam))
+""")
+
+SAVE = {4: "iptables-legacy-save", 6: "ip6tables-legacy-save"}
+RESTORE = {4: "iptables-legacy-restore", 6: "ip6tables-legacy-restore"}
+IPT = {4: "iptables-legacy", 6: "ip6tables-legacy"}
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    need_root()
+    lab = Lab("x")
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+def python(lab: Lab, ns: str, body: str) -> str:
+    return lab.run(ns, python_exe(), "-c", PLAN + textwrap.dedent(body), env=dict(os.environ)).stdout
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+def test_iptables_finds_each_rule_as_its_own(lab: Lab, fam: int) -> None:
+    ns = lab.ns("c")
+    specs = json.loads(python(lab, ns, f"""
+        IptablesDriver().apply(plan({fam}))
+        print(json.dumps([[CHAINS[s.chain][0], str(s)] for s in render(plan({fam}), {fam})]))
+    """))
+    save = lab.run(ns, SAVE[fam]).stdout
+    for chain in ("CONTAINERBOOT-PREROUTING", "CONTAINERBOOT-POSTROUTING", "CONTAINERBOOT-FORWARD"):
+        listed = [ln for ln in save.splitlines() if ln.startswith(f"-A {chain} ")]
+        assert listed == [text for _, text in specs if text.startswith(f"-A {chain} ")]  # as our Specs say
+    for table, text in specs:
+        chain_args = shlex.split(text)  # "-A CHAIN ..." -> "-C CHAIN ...": iptables compares its own entry
+        check = lab.run(ns, IPT[fam], "-t", table, "-C", *chain_args[1:], check=False)
+        assert check.returncode == 0, f"iptables does not find {text!r}: {check.stderr}"
+    # And -C can fail: the same rule with another address is not there.
+    table, text = specs[0]
+    wrong = re.sub(r"--to-destination \S+", "--to-destination " + ("198.18.99.9" if fam == 4 else "fd18::99"), text)
+    assert lab.run(ns, IPT[fam], "-t", table, "-C", *shlex.split(wrong)[1:], check=False).returncode == 1
+
+
+FOREIGN = {
+    4: """*nat
+:PREROUTING ACCEPT [11:1100]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [2:200]
+:POSTROUTING ACCEPT [0:0]
+:AAA - [0:0]
+:KUBE-SERVICES - [0:0]
+:ZZZ - [0:0]
+[5:500] -A PREROUTING -j KUBE-SERVICES
+[6:600] -A PREROUTING -s 198.18.9.9/32 -g ZZZ
+[7:700] -A OUTPUT -j AAA
+[1:10] -A AAA -d 198.18.9.1/32 -j ZZZ
+[8:800] -A AAA -j RETURN
+[3:30] -A KUBE-SERVICES -m comment --comment "svc a" -j RETURN
+[4:40] -A ZZZ -p tcp -m tcp --dport 80 -j DNAT --to-destination 198.18.9.2:8080
+COMMIT
+*mangle
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [3:300]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+[9:900] -A FORWARD -i eth9 -j ACCEPT
+COMMIT
+""",
+    6: """*nat
+:PREROUTING ACCEPT [11:1100]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [2:200]
+:POSTROUTING ACCEPT [0:0]
+:AAA - [0:0]
+:ZZZ - [0:0]
+[6:600] -A PREROUTING -s fd18:9::9/128 -g ZZZ
+[7:700] -A OUTPUT -j AAA
+[1:10] -A AAA -d fd18:9::1/128 -j ZZZ
+[4:40] -A ZZZ -p tcp -m tcp --dport 80 -j DNAT --to-destination [fd18:9::2]:8080
+COMMIT
+*mangle
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [3:300]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+[9:900] -A FORWARD -i eth9 -j ACCEPT
+COMMIT
+""",
+}
+
+
+def saved(lab: Lab, ns: str, fam: int) -> list[str]:
+    """iptables-save -c without its comments: counters, policies, chains and rules in table order."""
+    return [ln for ln in lab.run(ns, SAVE[fam], "-c").stdout.splitlines() if not ln.startswith("#")]
+
+
+def without_ours(lines: list[str]) -> list[str]:
+    return [ln for ln in lines if "CONTAINERBOOT-" not in ln]
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+def test_someone_elses_rules_keep_their_place_targets_and_counters(lab: Lab, fam: int) -> None:
+    ns = lab.ns("f")
+    lab.run(ns, "sh", "-c", f"{RESTORE[fam]} -c <<'EOF'\n{FOREIGN[fam]}EOF")
+    before = saved(lab, ns, fam)
+    assert "[6:600] -A PREROUTING" in "\n".join(before)
+
+    python(lab, ns, f"IptablesDriver().apply(plan({fam}))")
+    applied = saved(lab, ns, fam)
+    assert without_ours(applied) == before
+    assert sorted(ln for ln in applied if "-j CONTAINERBOOT-" in ln) == [
+        "[0:0] -A FORWARD -j CONTAINERBOOT-FORWARD", "[0:0] -A POSTROUTING -j CONTAINERBOOT-POSTROUTING",
+        "[0:0] -A PREROUTING -j CONTAINERBOOT-PREROUTING"]
+    assert applied[applied.index("[0:0] -A PREROUTING -j CONTAINERBOOT-PREROUTING") - 1].startswith(":")  # first
+    for block in "\n".join(applied).split("*")[1:]:  # per table: user chains in name order, as iptables keeps them
+        chains = [ln.split()[0] for ln in block.splitlines() if ln.startswith(":") and ln.split()[1] == "-"]
+        assert [c for c in chains if c.startswith(":CONTAINERBOOT")] and chains == sorted(chains), block
+
+    # A rule of ours gets counters; a change elsewhere in our chain keeps them (and everyone else's).
+    ours = next(ln for ln in applied if "-A CONTAINERBOOT-PREROUTING" in ln).split(" ", 1)[1]
+    lab.run(ns, IPT[fam], "-t", "nat", "-R", "CONTAINERBOOT-PREROUTING", "1", *shlex.split(ours)[2:],
+            "-c", "12", "1200")
+    before = saved(lab, ns, fam)  # (iptables -R itself zeroes the built-in chains' policy counters)
+    python(lab, ns, f"IptablesDriver().apply(plan({fam}, moved=True))")
+    moved = saved(lab, ns, fam)
+    assert without_ours(moved) == without_ours(before)
+    assert f"[12:1200] {ours}" in moved
+    assert any("--to-destination " + ("198.18.2.4" if fam == 4 else "fd18:2::4") in ln for ln in moved)
+
+    python(lab, ns, "IptablesDriver().flush()")
+    assert saved(lab, ns, fam) == without_ours(before)  # what it was, counters included
+
+
+def test_the_drift_check_reads_only_what_changed(lab: Lab) -> None:
+    """The worker answers "same" without a parse while only counters move, and sees a rule replaced by
+    another of exactly the same size (so the table's size and entry count say nothing)."""
+    ns = lab.ns("d")
+    out = json.loads(python(lab, ns, """
+        import subprocess
+        from firewall.iptables import OWNED, chain_entries
+        from firewall.iptables_worker import Server
+        p = plan(4)
+        server = Server(4)
+        entries = chain_entries(p, 4)
+        tables = {t: {c: (b, entries[c]) for c, b in o.items()} for t, o in OWNED.items()}
+        v = server.write(tables)
+        out = {"after_write": server.read(OWNED, v)["same"]}
+        rule = "-d 100.64.0.1/32 -j DNAT --to-destination 198.18.2.2"
+        subprocess.run(["iptables-legacy", "-t", "nat", "-R", "CONTAINERBOOT-PREROUTING", "1", *rule.split(),
+                        "-c", "5", "50"], check=True)  # the same rule, other counters: a new table all the same
+        out["counters"] = server.read(OWNED, v)["same"]
+        subprocess.run(["iptables-legacy", "-t", "nat", "-R", "CONTAINERBOOT-PREROUTING", "1",
+                        *rule.replace("198.18.2.2", "198.18.2.9").split()], check=True)
+        reply = server.read(OWNED, v)
+        out["replaced"] = reply["same"]
+        out["version"] = reply["version"] > v
+        out["same_again"] = server.read(OWNED, reply["version"])["same"]
+        d = IptablesDriver()
+        d.apply(p)
+        subprocess.run(["iptables-legacy", "-t", "nat", "-R", "CONTAINERBOOT-PREROUTING", "1",
+                        *rule.replace("198.18.2.2", "198.18.2.9").split()], check=True)
+        found = d.installed()
+        out["driver_sees_it"] = found != p and "dnat 100.64.0.1 -> 198.18.2.9" in str(found)
+        d.apply(p)
+        out["repaired"] = d.installed() == p
+        print(json.dumps(out))
+    """))
+    assert out == {"after_write": True, "counters": True, "replaced": False, "version": True,
+                   "same_again": True, "driver_sees_it": True, "repaired": True}, out
