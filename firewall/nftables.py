@@ -48,6 +48,7 @@ CHAINS = {
 }
 
 Json = dict[str, Any]
+CLI_TIMEOUT = 30.0
 
 
 class Libnft(Protocol):
@@ -58,8 +59,28 @@ class Libnft(Protocol):
     def run(self, cmds: list[Json], terse: bool = False) -> list[Json]: ...
 
 
-def _doc(cmds: list[Json]) -> Json:
-    return {"nftables": [{"metainfo": {"json_schema_version": 1}}, *cmds]}
+class Raw:
+    """JSON text that goes into a document as it is: 10,000 map elements joined as text cost a third of
+    what building and dumping them as lists does."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def dumps(cmds: list[Json]) -> str:
+    """The libnftables JSON document for `cmds`, with each Raw put in place."""
+    raws: list[str] = []
+
+    def placeholder(obj: object) -> str:
+        if not isinstance(obj, Raw):
+            raise TypeError(f"{type(obj).__name__} in an nftables command")
+        raws.append(obj.text)
+        return f"@raw{len(raws) - 1}@"
+
+    text = json.dumps({"nftables": [{"metainfo": {"json_schema_version": 1}}, *cmds]}, default=placeholder)
+    for i, raw in enumerate(raws):
+        text = text.replace(f'"@raw{i}@"', raw, 1)
+    return text
 
 
 def _objects(output: Any) -> list[Json]:
@@ -75,16 +96,17 @@ class BindingLibnft:
         from nftables import Nftables  # Debian python3-nftables; absent on PyPI
 
         self._nft = Nftables()
+        self._nft.set_json_output(True)  # JSON out, and JSON in: libnftables parses the input as JSON first
 
     def run(self, cmds: list[Json], terse: bool = False) -> list[Json]:
         old = self._nft.set_terse_output(terse)
         try:
-            rc, out, err = self._nft.json_cmd(_doc(cmds))
+            rc, out, err = self._nft.cmd(dumps(cmds))
         finally:
             self._nft.set_terse_output(old)
         if rc != 0:
             raise FirewallError(f"nftables: {err.strip()}")
-        return _objects(out)
+        return _objects(json.loads(out)) if out else []
 
 
 class CliLibnft:
@@ -98,7 +120,10 @@ class CliLibnft:
 
     def run(self, cmds: list[Json], terse: bool = False) -> list[Json]:
         argv = [self._nft, "-j", *(["-t"] if terse else []), "-f", "-"]
-        proc = subprocess.run(argv, input=json.dumps(_doc(cmds)), capture_output=True, text=True)
+        try:
+            proc = subprocess.run(argv, input=dumps(cmds), capture_output=True, text=True, timeout=CLI_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise FirewallError(f"nftables (nft -j): no answer within {CLI_TIMEOUT:g}s") from None
         if proc.returncode != 0:
             raise FirewallError(f"nftables (nft -j): {proc.stderr.strip()}")
         return _objects(json.loads(proc.stdout)) if proc.stdout.strip() else []
@@ -166,19 +191,38 @@ def rule_exprs(rule: Rule) -> list[tuple[str, list[Json]]]:
 
 
 def _is_mapped(rule: Rule) -> bool:
-    return isinstance(rule, Dnat) and len(rule.to) == 1
+    return type(rule) is Dnat and len(rule.to) == 1
 
 
 def _rest(rules: Iterable[Rule]) -> frozenset[Rule]:
     return frozenset(r for r in rules if not _is_mapped(r))
 
 
+def _split(fam: int, rules: Iterable[Rule]) -> tuple[Raw | None, list[Rule]]:
+    """The single-target DNATs as the map's elements [key, value] in JSON text (addresses need no
+    escaping), and the other rules, in one pass: 10,000 elements cost 9.5 ms this way, 12 with a
+    pass to split and one to write them, 14 through str()."""
+    pairs: list[str] = []
+    rest: list[Rule] = []
+    add, keep = pairs.append, rest.append
+    if fam == 4:
+        ntoa = socket.inet_ntoa
+        for r in rules:
+            if type(r) is Dnat and len(r.to) == 1:
+                add(f'["{ntoa(r.match.packed)}","{ntoa(r.to[0].packed)}"]')
+            else:
+                keep(r)
+    else:
+        for r in rules:
+            if type(r) is Dnat and len(r.to) == 1:
+                add(f'["{addr_text(r.match)}","{addr_text(r.to[0])}"]')
+            else:
+                keep(r)
+    return (Raw("[" + ",".join(pairs) + "]") if pairs else None), rest
+
+
 def _ref(fam: int, **kw: Any) -> Json:
     return {"family": FAMILY[fam], "table": TABLE, **kw}
-
-
-def _elements(rules: Iterable[Rule]) -> list[list[str]]:
-    return [[addr_text(r.match), addr_text(r.to[0])] for r in rules if isinstance(r, Dnat)]
 
 
 def chain_rules(fam: int, rules: list[Rule]) -> list[Json]:
@@ -195,60 +239,100 @@ def drop_table(fam: int) -> list[Json]:
     return [{"add": {"table": table}}, {"delete": {"table": table}}]
 
 
-def full_table(fam: int, plan: Plan) -> list[Json]:
-    """Replace the family's table with one holding exactly `plan` (one transaction with the rest)."""
+def map_size(rules: int) -> int:
+    """The map's declared size for a plan of this many rules: room to double (the size is also its limit).
+    Declared, the kernel sizes the hash once instead of growing it element by element: a table of
+    10,000 elements loads in 23 ms instead of 29."""
+    return 1 << max(10, (2 * rules).bit_length())
+
+
+def full_table(fam: int, plan: Plan, drop: bool = True) -> list[Json]:
+    """Replace the family's table with one holding exactly `plan` (one transaction with the rest);
+    `drop=False` when the table is known not to exist (deleting it first costs 2 ms at 10,000 elements)."""
     rules = plan.only(fam).rules
-    mapped = [r for r in rules if _is_mapped(r)]  # a map's elements have no order
-    cmap: Json = _ref(fam, name=MAP, type=ADDR_TYPE[fam], map=ADDR_TYPE[fam])
-    if mapped:
-        cmap["elem"] = _elements(mapped)
-    cmds = [*drop_table(fam), {"add": {"table": {"family": FAMILY[fam], "name": TABLE}}},
+    elements, rest = _split(fam, rules)  # a map's elements have no order
+    cmap: Json = _ref(fam, name=MAP, type=ADDR_TYPE[fam], map=ADDR_TYPE[fam], size=map_size(len(rules)))
+    if elements is not None:
+        cmap["elem"] = elements
+    cmds = [*(drop_table(fam) if drop else []), {"add": {"table": {"family": FAMILY[fam], "name": TABLE}}},
             {"add": {"map": cmap}}]
     cmds += [{"add": {"chain": _ref(fam, name=name, **spec)}} for name, spec in CHAINS.items()]
-    return cmds + chain_rules(fam, sorted(_rest(rules), key=rule_order))
+    return cmds + chain_rules(fam, sorted(rest, key=rule_order))
 
 
 def update_table(fam: int, have: Plan, want: Plan) -> list[Json]:
     """The smallest change from `have` to `want`: map elements by key, and, when any other rule changed,
-    the three chains flushed and written again (they hold a handful of rules)."""
-    gone, added = have.rules - want.rules, want.rules - have.rules
+    the three chains flushed and written again (they hold a handful of rules). One symmetric difference
+    compares each rule once (two differences compare them twice: 10 ms at 10,000 rules, not 5)."""
+    changed = have.rules ^ want.rules
+    gone = [r for r in changed if r in have.rules]
+    added = [r for r in changed if r in want.rules]
     cmds: list[Json] = []
     keys = sorted((r.match for r in gone if isinstance(r, Dnat) and _is_mapped(r)), key=addr_key)
     if keys:
         cmds.append({"delete": {"element": _ref(fam, name=MAP, elem=[addr_text(m) for m in keys])}})
     new = sorted((r for r in added if isinstance(r, Dnat) and _is_mapped(r)), key=lambda r: addr_key(r.match))
     if new:
-        cmds.append({"add": {"element": _ref(fam, name=MAP, elem=_elements(new))}})
+        cmds.append({"add": {"element": _ref(fam, name=MAP, elem=_split(fam, new)[0])}})
     if _rest(gone) or _rest(added):
         cmds += [{"flush": {"chain": _ref(fam, name=name)}} for name in CHAINS]
         cmds += chain_rules(fam, sorted(_rest(want.rules), key=rule_order))
     return cmds
 
 
-class Generation:
-    """The nf_tables generation id of this network namespace, which changes with every committed
-    transaction, ours or anyone's (NFT_MSG_GETGEN over netlink, well under a millisecond). One socket
-    stays open: closing a netlink socket here costs about 10 ms."""
+class Nfnetlink:
+    """Two questions to nf_tables over netlink, each well under a millisecond: the generation id of this
+    network namespace, which changes with every committed transaction, ours or anyone's
+    (NFT_MSG_GETGEN), and whether a table exists (NFT_MSG_GETTABLE). One socket stays open: closing
+    a netlink socket here costs about 10 ms. None: could not ask."""
+
+    SUBSYS = 10 << 8  # NFNL_SUBSYS_NFTABLES
+    NEWTABLE, GETTABLE, NEWGEN, GETGEN = 0, 1, 15, 16
+    NLMSG_ERROR, NLM_F_REQUEST = 2, 1
 
     def __init__(self) -> None:
         self._sock: socket.socket | None = None
+        self._seq = 0
 
-    def read(self) -> int | None:
+    def _ask(self, kind: int, family: int, attrs: bytes = b"") -> tuple[int, bytes] | None:
+        """The reply's message type and payload (after the nfgenmsg header)."""
+        self._seq += 1
+        msg = struct.pack("=LHHLLBBH", 20 + len(attrs), self.SUBSYS | kind, self.NLM_F_REQUEST, self._seq, 0,
+                          family, 0, 0) + attrs
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)  # NETLINK_NETFILTER
-            # NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETGEN; the answer is NFT_MSG_NEWGEN.
-            self._sock.send(struct.pack("=LHHLLBBH", 20, (10 << 8) | 16, 1, 1, 0, socket.AF_UNSPEC, 0, 0))
-            data = self._sock.recv(4096)
-        except OSError:
+            self._sock.send(msg)
+            while True:
+                data = self._sock.recv(65536)
+                length, reply, _, seq = struct.unpack_from("=LHHL", data)
+                if seq == self._seq:
+                    return reply, data[16:length]
+        except (OSError, struct.error):
             return None
-        length, kind = struct.unpack_from("=LH", data)
-        pos = 20  # nlmsghdr + nfgenmsg
-        while kind == (10 << 8) | 15 and pos + 4 <= min(length, len(data)):
-            alen, atype = struct.unpack_from("=HH", data, pos)
+
+    def generation(self) -> int | None:
+        answer = self._ask(self.GETGEN, socket.AF_UNSPEC)
+        if answer is None or answer[0] != self.SUBSYS | self.NEWGEN:
+            return None
+        body, pos = answer[1], 4  # after nfgenmsg
+        while pos + 4 <= len(body):
+            alen, atype = struct.unpack_from("=HH", body, pos)
             if atype & 0x7FFF == 1 and alen >= 8:  # NFTA_GEN_ID, big endian
-                return int(struct.unpack_from("!L", data, pos + 4)[0])
+                return int(struct.unpack_from("!L", body, pos + 4)[0])
             pos += (alen + 3) & ~3
+        return None
+
+    def has_table(self, fam: int, name: str) -> bool | None:
+        raw = name.encode() + b"\0"
+        attr = struct.pack("=HH", 4 + len(raw), 1) + raw  # NFTA_TABLE_NAME
+        answer = self._ask(self.GETTABLE, {4: 2, 6: 10}[fam], attr.ljust((len(attr) + 3) & ~3, b"\0"))
+        if answer is None:
+            return None
+        if answer[0] == self.SUBSYS | self.NEWTABLE:
+            return True
+        if answer[0] == self.NLMSG_ERROR and struct.unpack_from("=i", answer[1])[0] == -2:  # ENOENT
+            return False
         return None
 
 
@@ -360,8 +444,10 @@ class NftablesDriver:
         # What the last successful apply installed, per family: the base for small updates, and the
         # ruleset generation right after it (unchanged since means nobody touched anything).
         self._last: dict[int, Plan] = {}
-        self._generation: int | None = None
-        self._gen = Generation()
+        self._capacity: dict[int, int] = {}  # the declared size of each family's map (see map_size)
+        self._nl = Nfnetlink()
+        self._applied_gen: int | None = None  # the generation our last transaction made, if nobody's came since
+        self._cache: tuple[int, Plan] | None = None  # (generation, what the owned tables held at it)
 
     def _read(self, fam: int, terse: bool) -> Listing | None:
         """The family's table as listed, or None when it does not exist (other failures raise)."""
@@ -374,8 +460,9 @@ class NftablesDriver:
         return parse_table(fam, objs)
 
     def _intact(self, fam: int, have: Plan) -> bool:
-        """Cheap check (no map elements listed) that the table still holds what `have` put there."""
-        if self._generation is not None and self._gen.read() == self._generation:
+        """Cheap check that the table still holds what `have` put there: nothing committed since our last
+        transaction, or else a listing without the map's elements."""
+        if self._applied_gen is not None and self._nl.generation() == self._applied_gen:
             return True
         read = self._read(fam, terse=True)
         return read is not None and read.lookup and read.rules == _rest(have.rules)
@@ -386,45 +473,77 @@ class NftablesDriver:
                 raise FirewallError(f"nftables: no usable IPv{fam} NAT in this kernel for: "
                                     f"{plan.only(fam).sorted()[0]}")
 
+    def _commit(self, cmds: list[Json], now: Plan) -> None:
+        """Run one transaction that leaves the owned tables holding `now`. The generation it made is
+        remembered only when it is the one right after the generation before it: then nobody else
+        committed in between, and until the generation moves again the tables hold exactly `now`."""
+        before = self._nl.generation()
+        self._applied_gen = self._cache = None
+        self.nft.run(cmds)
+        after = self._nl.generation()
+        if before is not None and after == before % 0xFFFFFFFF + 1:  # 32 bits, and never 0
+            self._applied_gen, self._cache = after, (after, now)
+
     def apply(self, plan: Plan, full: bool = False) -> None:
         """`full` rewrites the tables whole, trusting nothing remembered about them."""
         self._check_families(plan)
         cmds: list[Json] = []
-        small = True
+        shortcut = False  # a change built on what we believe is there, which a retry does not trust
         for fam in self.families:
             want, have = plan.only(fam), self._last.get(fam)
-            if not want.rules:
-                cmds += drop_table(fam) if have is None or have.rules else []
-            elif not full and have is not None and have.rules and self._intact(fam, have):
-                cmds += update_table(fam, have, want)
-            else:
-                small = False
-                cmds += full_table(fam, want)
+            roomy = len(want.rules) <= self._capacity.get(fam, 0)  # else the map must be declared larger
+            if not full and have is not None and roomy and self._intact(fam, have):
+                shortcut = True
+                if not have.rules:  # we removed the table, and nothing happened since
+                    cmds += self._full(fam, want, drop=False) if want.rules else []
+                elif not want.rules:
+                    cmds += drop_table(fam)
+                else:
+                    cmds += update_table(fam, have, want)
+                continue
+            exists = self._nl.has_table(fam, TABLE)
+            shortcut = shortcut or exists is False
+            if want.rules:
+                cmds += self._full(fam, want, drop=exists is not False)
+            elif exists is not False:
+                cmds += drop_table(fam)
         try:
             if cmds:
-                self.nft.run(cmds)
+                self._commit(cmds, plan)
         except FirewallError:
-            if not small:
+            if not shortcut:
                 raise
-            # The table changed under us between the check and the update: replace it whole.
-            cmds = [c for fam in self.families for c in (full_table(fam, plan.only(fam))
-                                                         if plan.only(fam).rules else drop_table(fam))]
-            self.nft.run(cmds)
+            # The tables changed under us between the check and the change: replace them whole.
+            self._commit([c for fam in self.families for c in (self._full(fam, plan.only(fam))
+                                                               if plan.only(fam).rules else drop_table(fam))], plan)
         self._last = {fam: plan.only(fam) for fam in self.families}
-        self._generation = self._gen.read()
+
+    def _full(self, fam: int, want: Plan, drop: bool = True) -> list[Json]:
+        self._capacity[fam] = map_size(len(want.rules))
+        return full_table(fam, want, drop)
 
     def flush(self) -> None:
-        self.nft.run([c for fam in self.families for c in drop_table(fam)])
+        self._commit([c for fam in self.families for c in drop_table(fam)], Plan())
         self._last = {fam: Plan() for fam in self.families}
-        self._generation = None
 
     def installed(self) -> Plan:
+        """What the owned tables hold. While the ruleset's generation has not moved since the last
+        transaction or listing, that is what they held then, and nothing is listed (the drift check
+        every 2 s costs one netlink round trip, not a listing of 10,000 map elements)."""
+        gen = self._nl.generation()
+        if gen is not None and self._cache is not None and self._cache[0] == gen:
+            return self._cache[1]
         rules: set[Rule] = set()
         for fam in self.families:
             read = self._read(fam, terse=False)
             if read:
                 rules |= read.rules
-        return Plan.read_back(rules)
+        found = Plan.read_back(rules)
+        if self._cache is not None and found == self._cache[1]:
+            found = self._cache[1]  # the same object again: the caller's `found == applied` is then instant
+        if gen is not None and self._nl.generation() == gen:  # nothing committed while we listed
+            self._cache = (gen, found)
+        return found
 
     def probe(self, fam: int) -> None:
         """Create and delete a NAT base chain: fails where nf_tables or its NAT support is missing."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 from typing import Any
 
 import pytest
@@ -39,10 +40,17 @@ def plans(draw: Any) -> Plan:
     return Plan.of(*rules)
 
 
+def as_json(cmds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The commands as libnftables receives them (pre-rendered map elements included)."""
+    doc: list[dict[str, Any]] = json.loads(nftables.dumps(cmds))["nftables"]
+    assert doc[0] == {"metainfo": {"json_schema_version": 1}}
+    return doc[1:]
+
+
 def listed(cmds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """What `nft -j list table` shows after these add commands (the drop pair removed)."""
     out: list[dict[str, Any]] = []
-    for cmd in cmds:
+    for cmd in as_json(cmds):
         verb, body = next(iter(cmd.items()))
         kind, obj = next(iter(body.items()))
         if verb == "delete":
@@ -149,7 +157,7 @@ def test_nftables_small_update_touches_only_the_changed_mapping() -> None:
     old = Plan.of(*(Dnat(a(f"100.64.{i // 250}.{i % 250 + 1}"), (a("10.0.0.5"),)) for i in range(1000)))
     new = Plan(frozenset({*(r for r in old.rules if r.match != a("100.64.0.1")),  # type: ignore[union-attr]
                           Dnat(a("100.64.0.1"), (a("10.0.0.6"),))}))
-    cmds = nftables.update_table(4, old, new)
+    cmds = as_json(nftables.update_table(4, old, new))
     assert cmds == [
         {"delete": {"element": {"family": "ip", "table": "containerboot", "name": "ingress", "elem": ["100.64.0.1"]}}},
         {"add": {"element": {"family": "ip", "table": "containerboot", "name": "ingress",
