@@ -5,6 +5,12 @@ in this network namespace in exactly one backend (kube-proxy's hint chains first
 counts); then the variant `iptables -V` on PATH reports. The choice must pass a kernel probe
 (create and delete an owned NAT chain or table); if it fails the other backend is probed and used.
 Nothing here loads kernel modules, and nothing runs at all in fake mode.
+
+The decision is one pure function, `decide(Facts)`, in the manner of upstream's
+pickFirewallModeFromInstalledRules: it answers with a `Detection`, raises DetectionError, or asks
+for the one fact it lacks (`Ask`), which `detect` then gathers from the system. So a probe runs only
+when the decision needs it (probing legacy iptables instantiates its nat table), and the unit tests
+hold the decision to a table of facts without root.
 """
 
 from __future__ import annotations
@@ -13,14 +19,20 @@ import re
 import shutil
 import subprocess
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
 
-from firewall.model import FirewallBusy, FirewallError
+from firewall.model import Driver, FirewallBusy, FirewallError
+
+if TYPE_CHECKING:
+    from firewall.iptables import IptablesDriver
+    from firewall.nftables import Libnft
 
 BACKENDS = ("iptables", "nftables")
 VARIANT = {"nftables": "nf_tables", "iptables": "legacy"}
 KUBE_HINTS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
+NET_ADMIN_HINT = ("; this needs the NET_ADMIN capability (docker run --cap-add NET_ADMIN; Compose cap_add: "
+                  "[NET_ADMIN]; Kubernetes securityContext.capabilities.add: [NET_ADMIN]), or TS_USERSPACE=true")
 
 
 class DetectionError(RuntimeError):
@@ -54,8 +66,133 @@ class Detection:
         return [self.variant, *self.evidence]
 
 
+# ---- the decision (pure) ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Probe:
+    """How a kernel probe of one backend and family went."""
+
+    outcome: Literal["passed", "failed", "busy"]  # busy: another program holds the lock, so it uses the backend
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Ask:
+    """The fact `decide` needs next: "census" (rules in both backends), "version" (`iptables -V`),
+    "probe" (of `backend` for `family`) or "libnft" (which libnftables path the nftables driver uses)."""
+
+    what: Literal["census", "version", "probe", "libnft"]
+    backend: str = ""
+    family: int = 4
+
+
+UNKNOWN = "?"  # a fact not gathered yet
+
+
+@dataclass(frozen=True)
+class Facts:
+    override: str = ""  # TS_DEBUG_FIREWALL_MODE, lower case
+    census: Mapping[str, Census] | None = None  # by backend
+    version: str | None = UNKNOWN  # what `iptables -V` printed; None: no iptables on PATH
+    probes: Mapping[tuple[str, int], Probe] = field(default_factory=dict)  # by (backend, family)
+    libnft: tuple[str, str] | None = None  # (path, why) for the nftables driver
+
+
+def variant_of(version: str) -> str:
+    """nf_tables or legacy, as `iptables -V` reports it; a pre-1.8 binary has no suffix and is legacy."""
+    found = re.search(r"\((nf_tables|legacy)\)", version)
+    return found.group(1) if found else "legacy"
+
+
 def _other(backend: str) -> str:
     return "iptables" if backend == "nftables" else "nftables"
+
+
+def from_rules(census: Mapping[str, Census]) -> tuple[str | None, list[str]]:
+    """The backend the rules already in this namespace point to, if exactly one, and the evidence."""
+    notes = [f"{VARIANT[b]} rules in this namespace: "
+             + (f"unreadable ({c.error})" if c.error else f"{c.rules}"
+                + (f", kube-proxy hint chains {', '.join(c.hints)}" if c.hints else ""))
+             for b, c in census.items()]
+    hinted = [b for b, c in census.items() if c.hints]
+    if len(hinted) == 1:
+        return hinted[0], [*notes, f"kube-proxy marks the host's iptables as {VARIANT[hinted[0]]}"]
+    used = [b for b, c in census.items() if c.rules]
+    if len(used) == 1:
+        return used[0], [*notes, f"only {VARIANT[used[0]]} holds rules here"]
+    return None, notes
+
+
+def decide(facts: Facts) -> Detection | Ask:
+    """The backend and its evidence from what is known so far, or the next fact to find out."""
+    evidence: list[str] = []
+    mode = facts.override
+    forced = mode in BACKENDS
+    if forced:
+        choice = mode
+        evidence.append(f"TS_DEBUG_FIREWALL_MODE={mode}")
+    else:
+        if facts.census is None:
+            return Ask("census")
+        found, evidence = from_rules(facts.census)
+        if found is not None:
+            choice = found
+        elif facts.version == UNKNOWN:
+            return Ask("version")
+        elif facts.version is None:
+            choice = "nftables"
+            evidence.append("no iptables on PATH")
+        else:
+            choice = "nftables" if variant_of(facts.version) == "nf_tables" else "iptables"
+            evidence.append(f"iptables -V: {facts.version}")
+
+    first = facts.probes.get((choice, 4))
+    if first is None:
+        return Ask("probe", choice, 4)
+    if first.outcome == "passed":
+        evidence.append(f"{VARIANT[choice]} NAT probe passed")
+    elif first.outcome == "busy":
+        # Someone holds the xtables lock: they are using this backend now, which is evidence enough.
+        evidence.append(f"{VARIANT[choice]} NAT probe not run ({first.message})")
+    elif forced:
+        raise DetectionError(
+            f"TS_DEBUG_FIREWALL_MODE={mode} but {VARIANT[choice]} NAT does not work in this kernel: "
+            f"{first.message}; unset it to detect the backend, or set it to {_other(choice)}")
+    else:
+        other = _other(choice)
+        second = facts.probes.get((other, 4))
+        if second is None:
+            return Ask("probe", other, 4)
+        if second.outcome == "failed":
+            both = f"{first.message} {second.message}"
+            hint = NET_ADMIN_HINT if "Operation not permitted" in both or "Permission denied" in both else ""
+            raise DetectionError(f"no usable netfilter backend: {VARIANT[choice]} NAT probe failed: "
+                                 f"{first.message}; {VARIANT[other]} NAT probe failed: {second.message}{hint}")
+        evidence.append(f"{VARIANT[choice]} NAT probe failed ({first.message}); {VARIANT[other]} NAT probe "
+                        + ("passed" if second.outcome == "passed" else f"not run ({second.message})"))
+        choice = other
+
+    six = facts.probes.get((choice, 6))
+    if six is None:
+        return Ask("probe", choice, 6)
+    families: tuple[int, ...] = (4, 6)
+    if six.outcome == "busy":
+        evidence.append(f"IPv6 NAT probe not run ({six.message}); IPv6 taken as usable")
+    elif six.outcome == "failed":
+        families = (4,)
+        evidence.append(f"IPv6 NAT unavailable in {VARIANT[choice]} ({six.message}); IPv6 rules are skipped")
+
+    nft_path = None
+    if choice == "nftables":
+        if facts.libnft is None:
+            return Ask("libnft")
+        nft_path, why = facts.libnft
+        evidence.append(why or f"libnftables path: {nft_path}")
+    return Detection(choice, tuple(evidence), families, nft_path)
+
+
+# ---- gathering the facts ----------------------------------------------------------------------------
 
 
 @dataclass
@@ -66,18 +203,18 @@ class Probes:
     probe: dict[str, Callable[[int], None]] = field(default_factory=dict)
     census: dict[str, Callable[[], Census]] = field(default_factory=dict)
     iptables_version: Callable[[], str | None] | None = None
-    _libnft: Any = None
+    _libnft: Libnft | None = None
     _libnft_why: str = ""
-    _iptables: Any = None
+    _iptables: IptablesDriver | None = None
 
-    def libnft(self) -> Any:
+    def libnft(self) -> Libnft:
         if self._libnft is None:
             from firewall.nftables import open_libnft
 
             self._libnft, self._libnft_why = open_libnft(self.nft_path)
         return self._libnft
 
-    def iptables(self) -> Any:
+    def iptables(self) -> IptablesDriver:
         """One driver (two worker processes) for every iptables probe and census of this detection."""
         if self._iptables is None:
             from firewall.iptables import IptablesDriver
@@ -90,8 +227,7 @@ class Probes:
             self._iptables.close()
             self._iptables = None
 
-    def run_probe(self, backend: str, fam: int) -> None:
-        """Raises FirewallError when `backend` cannot do NAT for `fam` here."""
+    def run_probe(self, backend: str, fam: int) -> Probe:
         try:
             if backend in self.probe:
                 self.probe[backend](fam)
@@ -101,10 +237,13 @@ class Probes:
                 NftablesDriver(self.libnft(), (fam,)).probe(fam)
             else:
                 self.iptables().probe(fam)
-        except FirewallError:
-            raise
+        except FirewallBusy as exc:
+            return Probe("busy", str(exc))
+        except FirewallError as exc:
+            return Probe("failed", str(exc))
         except Exception as exc:  # noqa: BLE001 - a missing library or binary is a failed probe
-            raise FirewallError(f"{type(exc).__name__}: {exc}") from exc
+            return Probe("failed", f"{type(exc).__name__}: {exc}")
+        return Probe("passed")
 
     def run_census(self, backend: str) -> Census:
         if backend in self.census:
@@ -126,8 +265,21 @@ class Probes:
     def version(self) -> str | None:
         return self.iptables_version() if self.iptables_version else iptables_version()
 
+    def answer(self, facts: Facts, ask: Ask) -> Facts:
+        match ask.what:
+            case "census":
+                return replace(facts, census={b: self.run_census(b) for b in BACKENDS})
+            case "version":
+                return replace(facts, version=self.version())
+            case "probe":
+                return replace(facts, probes={**facts.probes, (ask.backend, ask.family):
+                                              self.run_probe(ask.backend, ask.family)})
+            case "libnft":
+                lib = self.libnft()
+                return replace(facts, libnft=(lib.path, self._libnft_why))
 
-def _nft_census(libnft: Any) -> Census:
+
+def _nft_census(libnft: Libnft) -> Census:
     objs = libnft.run([{"list": {"ruleset": {}}}], terse=True)
     rules = sum(1 for o in objs if "rule" in o and not o["rule"].get("table", "").startswith("containerboot"))
     hints = tuple(f"{c['family']} {c['table']}/{c['name']}" for o in objs
@@ -147,27 +299,6 @@ def iptables_version() -> str | None:
     return (out.stdout or out.stderr).strip()
 
 
-def variant_of(version: str) -> str:
-    """nf_tables or legacy, as `iptables -V` reports it; a pre-1.8 binary has no suffix and is legacy."""
-    found = re.search(r"\((nf_tables|legacy)\)", version)
-    return found.group(1) if found else "legacy"
-
-
-def _from_rules(probes: Probes) -> tuple[str | None, list[str]]:
-    counts = {b: probes.run_census(b) for b in BACKENDS}
-    notes = [f"{VARIANT[b]} rules in this namespace: "
-             + (f"unreadable ({c.error})" if c.error else f"{c.rules}"
-                + (f", kube-proxy hint chains {', '.join(c.hints)}" if c.hints else ""))
-             for b, c in counts.items()]
-    hinted = [b for b, c in counts.items() if c.hints]
-    if len(hinted) == 1:
-        return hinted[0], [*notes, f"kube-proxy marks the host's iptables as {VARIANT[hinted[0]]}"]
-    used = [b for b, c in counts.items() if c.rules]
-    if len(used) == 1:
-        return used[0], [*notes, f"only {VARIANT[used[0]]} holds rules here"]
-    return None, notes
-
-
 def detect(env: Mapping[str, str], probes: Probes | None = None, fake: bool = False,
            fake_ipv6: bool = True) -> Detection:
     mode = env.get("TS_DEBUG_FIREWALL_MODE", "").strip().lower()
@@ -175,77 +306,19 @@ def detect(env: Mapping[str, str], probes: Probes | None = None, fake: bool = Fa
         backend = mode if mode in BACKENDS else "iptables"
         return Detection(backend, ("TS_TEST_FAKE_NETFILTER=true: in-memory fake driver, nothing probed",),
                          (4, 6) if fake_ipv6 else (4,), fake=True)
-    if probes is not None:
-        return _detect(mode, probes)
-    own = Probes(nft_path=env.get("CONTAINERBOOT_NFT") or None)
+    own = probes is None
+    gather = probes or Probes(nft_path=env.get("CONTAINERBOOT_NFT") or None)
+    facts = Facts(override=mode)
     try:
-        return _detect(mode, own)
+        while not isinstance(step := decide(facts), Detection):
+            facts = gather.answer(facts, step)
+        return step
     finally:
-        own.close()
+        if own:
+            gather.close()
 
 
-def _detect(mode: str, probes: Probes) -> Detection:
-
-    evidence: list[str] = []
-    forced = mode in BACKENDS
-    if forced:
-        choice = mode
-        evidence.append(f"TS_DEBUG_FIREWALL_MODE={mode}")
-    else:
-        found, evidence = _from_rules(probes)
-        version = probes.version() if found is None else ""
-        if found is not None:
-            choice = found
-        elif version is None:
-            choice = "nftables"
-            evidence.append("no iptables on PATH")
-        else:
-            choice = "nftables" if variant_of(version) == "nf_tables" else "iptables"
-            evidence.append(f"iptables -V: {version}")
-
-    try:
-        probes.run_probe(choice, 4)
-        evidence.append(f"{VARIANT[choice]} NAT probe passed")
-    except FirewallBusy as busy:
-        # Someone holds the xtables lock: they are using this backend now, which is evidence enough.
-        evidence.append(f"{VARIANT[choice]} NAT probe not run ({busy})")
-    except FirewallError as first:
-        if forced:
-            raise DetectionError(
-                f"TS_DEBUG_FIREWALL_MODE={mode} but {VARIANT[choice]} NAT does not work in this kernel: "
-                f"{first}; unset it to detect the backend, or set it to {_other(choice)}") from first
-        other = _other(choice)
-        try:
-            probes.run_probe(other, 4)
-        except FirewallError as second:
-            hint = ""
-            if any(w in f"{first} {second}" for w in ("Operation not permitted", "Permission denied")):
-                hint = ("; this needs the NET_ADMIN capability (docker run --cap-add NET_ADMIN; Compose cap_add: "
-                        "[NET_ADMIN]; Kubernetes securityContext.capabilities.add: [NET_ADMIN]), or TS_USERSPACE=true")
-            raise DetectionError(f"no usable netfilter backend: {VARIANT[choice]} NAT probe failed: {first}; "
-                                 f"{VARIANT[other]} NAT probe failed: {second}{hint}") from second
-        evidence.append(f"{VARIANT[choice]} NAT probe failed ({first}); {VARIANT[other]} NAT probe passed")
-        choice = other
-
-    families = [4]
-    try:
-        probes.run_probe(choice, 6)
-        families.append(6)
-    except FirewallBusy as busy:
-        families.append(6)
-        evidence.append(f"IPv6 NAT probe not run ({busy}); IPv6 taken as usable")
-    except FirewallError as exc:
-        evidence.append(f"IPv6 NAT unavailable in {VARIANT[choice]} ({exc}); IPv6 rules are skipped")
-
-    nft_path = None
-    if choice == "nftables":
-        lib = probes.libnft()
-        nft_path = lib.path
-        evidence.append(probes._libnft_why or f"libnftables path: {nft_path}")
-    return Detection(choice, tuple(evidence), tuple(families), nft_path)
-
-
-def make_driver(detection: Detection, probes: Probes | None = None) -> Any:
+def make_driver(detection: Detection, probes: Probes | None = None) -> Driver:
     """The driver for a detection (imports only the chosen backend's library)."""
     if detection.fake:
         from firewall.fake import FakeDriver
