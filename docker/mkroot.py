@@ -252,8 +252,7 @@ def system(root: str) -> None:
     print(f"mkroot: {len(tree.paths)} paths, {len(tree.elves)} ELF files, {packages} packages")
 
 
-# Modules the program reaches on some path but not at import time of its own modules (lazy imports); iptc
-# (python-iptables) only while the project still ships it.
+# Modules the program reaches on some path but not at import time of its own modules (lazy imports).
 EXTRA_IMPORTS = ("ssl", "http.client", "http.server", "socketserver", "urllib.request", "ctypes", "ctypes.util",
                  "json", "queue", "difflib", "codecs", "base64", "encodings.idna", "nftables")
 
@@ -263,8 +262,6 @@ def app(root: str, out: str) -> None:
     mods = sorted(".".join(p.relative_to(lib).with_suffix("").parts).removesuffix(".__init__")
                   for pkg in ("containerboot", "firewall") for p in (lib / pkg).rglob("*.py")
                   if p.name != "__main__.py")
-    if (lib / "iptc").is_dir():
-        mods.append("iptc")
     py = ["chroot", root, "/usr/bin/python3", "-sE", "-X", "importtime"]
     runs = [
         # every module of the project and the extras, then the program as users run it

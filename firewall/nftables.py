@@ -89,12 +89,21 @@ def _objects(output: Any) -> list[Json]:
     return [o for o in output.get("nftables", []) if "metainfo" not in o]
 
 
+NETLINK_NETFILTER = 12  # <linux/netlink.h>
+
 class BindingLibnft:
     path = "binding"
 
     def __init__(self) -> None:
         from nftables import Nftables  # Debian python3-nftables; absent on PyPI
 
+        # libnftables ends the whole process (exit status 3, "Unable to initialize Netlink socket") when the
+        # kernel refuses a netfilter netlink socket (qemu-user, a kernel without nfnetlink): ask first, so
+        # that it is an error detection can report in one line instead.
+        try:
+            socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER).close()
+        except OSError as exc:
+            raise OSError(exc.errno, f"no netfilter netlink socket here ({exc.strerror})") from None
         self._nft = Nftables()
         self._nft.set_json_output(True)  # JSON out, and JSON in: libnftables parses the input as JSON first
 
@@ -301,7 +310,7 @@ class Nfnetlink:
                           family, 0, 0) + attrs
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)  # NETLINK_NETFILTER
+                self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
             self._sock.send(msg)
             while True:
                 data = self._sock.recv(65536)

@@ -29,5 +29,5 @@ if [ ! -f "$stamp" ]; then
   rm -f "$log"
   touch "$stamp"
 fi
-.venv/bin/python -c 'import nftables, iptc, click' >/dev/null
+.venv/bin/python -c 'import nftables, click' >/dev/null
 echo "install-deps: OS packages and .venv ready"
