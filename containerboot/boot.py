@@ -16,13 +16,16 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from containerboot import configdir, health, ipn, kube, localapi, log, proxy, serve, system, tailscaled
 from containerboot.dns import ResolveError, lookup_bounded
 from containerboot.localapi import BusWatch, LocalAPI, LocalAPIError
 from containerboot.settings import Settings
-from firewall.model import FirewallBusy, FirewallError, IPAddress, Plan
+from firewall.model import Driver, FirewallBusy, FirewallError, IPAddress, Plan
+
+if TYPE_CHECKING:
+    from firewall.detect import Detection  # imported when detection runs (kernel mode only)
 
 DRIFT_CHECK_SECONDS = 2.0
 DNS_REFRESH_SECONDS = 600.0
@@ -67,8 +70,8 @@ class Boot:
         self.api = LocalAPI(s.socket, guard=self.interruptible)
         self.health = health.Health(s)
         self.node = ipn.Node()
-        self.driver: Any = None
-        self.detection: Any = None
+        self.driver: Driver | None = None
+        self.detection: Detection | None = None
         self.child: tailscaled.Tailscaled | None = None
         self.watch: BusWatch | None = None
         self.watch_id = 0
@@ -684,7 +687,7 @@ class Boot:
 
     def reconcile(self) -> None:
         """Make the kernel's rules equal to the plan for the node as it is now."""
-        if self.driver is None:
+        if self.driver is None or self.detection is None:
             return
         s = self.s
         egress = proxy.egress_targets(s, self.egress)
@@ -786,7 +789,7 @@ class Boot:
 
     def check_drift(self) -> None:
         """Put back rules that somebody removed (`nft flush ruleset`, `iptables -t nat -F`, a firewall reload)."""
-        assert self.applied is not None
+        assert self.applied is not None and self.driver is not None
         try:
             with self.interruptible():
                 found = self.driver.installed()

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -15,8 +15,11 @@ from containerboot.cli import _fail, settings_or_exit
 from containerboot.settings import Settings, parse_host_ip, shown
 from firewall.model import FirewallError, IPAddress
 
+if TYPE_CHECKING:
+    from firewall.detect import Detection
 
-def _detection(settings: Settings) -> Any:
+
+def _detection(settings: Settings) -> Detection:
     from firewall.detect import DetectionError, detect
 
     try:
