@@ -6,25 +6,14 @@ from __future__ import annotations
 import json
 import os
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import containerboot_exe, need_root, python_exe
+from tests.conftest import containerboot_exe, python_exe
 from tests.lab.netns import Lab
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    need_root()
-    lab = Lab("x")
-    try:
-        yield lab
-    finally:
-        lab.close()
 
 
 def iptables_dir(tmp_path: Path, variant: str) -> str:

@@ -10,12 +10,11 @@ import signal
 import subprocess
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import need_root, python_exe
+from tests.conftest import python_exe
 from tests.lab.netns import Lab
 
 pytestmark = pytest.mark.root
@@ -49,16 +48,6 @@ PRELUDE = textwrap.dedent("""
     def pids(driver):
         return {fam: w.pid for fam, w in driver.workers.items()}
 """)
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    need_root()
-    lab = Lab("w")
-    try:
-        yield lab
-    finally:
-        lab.close()
 
 
 def run(lab: Lab, ns: str, body: str, **env: str) -> dict[str, object]:

@@ -7,24 +7,13 @@ from __future__ import annotations
 import json
 import os
 import textwrap
-from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import need_root, python_exe
+from tests.conftest import python_exe
 from tests.lab.netns import Lab
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    need_root()
-    lab = Lab("g")
-    try:
-        yield lab
-    finally:
-        lab.close()
 
 
 @pytest.mark.parametrize("path", ["binding", "cli"])

@@ -10,11 +10,10 @@ import os
 import re
 import shlex
 import textwrap
-from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import need_root, python_exe
+from tests.conftest import python_exe
 from tests.lab.netns import Lab
 
 pytestmark = pytest.mark.root
@@ -38,16 +37,6 @@ PLAN = textwrap.dedent("""
 SAVE = {4: "iptables-legacy-save", 6: "ip6tables-legacy-save"}
 RESTORE = {4: "iptables-legacy-restore", 6: "ip6tables-legacy-restore"}
 IPT = {4: "iptables-legacy", 6: "ip6tables-legacy"}
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    need_root()
-    lab = Lab("x")
-    try:
-        yield lab
-    finally:
-        lab.close()
 
 
 def python(lab: Lab, ns: str, body: str) -> str:
