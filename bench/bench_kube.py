@@ -67,7 +67,7 @@ def one_run(net: Tailnet, api: KubeAPI, impl: str, n: int) -> dict[str, float]:
         run.stop()
         pod.close()
     if "-v" in sys.argv:
-        began = time.strftime("%H:%M:%S", time.localtime(time.time() - (time.monotonic() - start)))
+        began = f"{time.time() - (time.monotonic() - start):.3f}"
         print(f"--- {impl} (started {began})\n" + run.output, file=sys.stderr)
     return {"ready": ready, "rss": rss}
 

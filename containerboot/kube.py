@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import http.client
 import ipaddress
 import json
@@ -317,6 +318,13 @@ class Client:
         with self._lock:
             self._drop()
 
+    def sibling(self) -> Client:
+        """The same credentials and server on a connection of its own, for calls made at the same time."""
+        other = copy.copy(self)
+        other._conn = None
+        other._lock = threading.Lock()
+        return other
+
 
 def _status_message(status: int, reason: str, data: bytes) -> str:
     """A k8s Status object's message; anything else as the HTTP status and the start of the body."""
@@ -344,25 +352,45 @@ class SecretStore:
 
     def check_permissions(self, log_info: Callable[[str], None]) -> None:
         """get and update must be allowed (else an error naming what is missing); patch and create are
-        probed, and an error asking is taken as "no" (upstream's CheckSecretPermissions)."""
+        probed, and an error asking is taken as "no" (upstream's CheckSecretPermissions). The four
+        reviews are independent, so they are asked at once, one connection each: one round trip of
+        start-up instead of four (about 40 ms through a Pod's network)."""
+        verbs = ("get", "update", "patch", "create")
+        answers: dict[str, bool | KubeError] = {}
+
+        def ask(verb: str, client: Client) -> None:
+            try:
+                answers[verb] = client.allowed(verb, "secrets", self.name)
+            except KubeError as exc:
+                answers[verb] = exc
+
+        siblings = [self.client.sibling() for _ in verbs[1:]]
+        threads = [threading.Thread(target=ask, args=(verb, c), name=f"ssar-{verb}", daemon=True)
+                   for verb, c in zip(verbs[1:], siblings, strict=True)]
+        for t in threads:
+            t.start()
+        ask("get", self.client)
+        for t in threads:
+            t.join()  # each call is bounded by the client's timeout and deadline
+        for c in siblings:
+            c.close()
         missing = []
         for verb in ("get", "update"):
-            try:
-                if not self.client.allowed(verb, "secrets", self.name):
-                    missing.append(f"missing {verb} permission on secret {json.dumps(self.name)}")
-            except KubeError as exc:
-                log_info(f"error checking {verb} permission on secret {self.name}: {exc}")
+            answer = answers[verb]
+            if isinstance(answer, KubeError):
+                log_info(f"error checking {verb} permission on secret {self.name}: {answer}")
+            elif not answer:
+                missing.append(f"missing {verb} permission on secret {json.dumps(self.name)}")
         if missing:
             raise KubeError("some Kubernetes permissions are missing, please check your RBAC configuration: "
                             + "; ".join(missing))
         for verb in ("patch", "create"):
-            try:
-                ok = self.client.allowed(verb, "secrets", self.name)
-            except KubeError as exc:
-                log_info(f"error checking {verb} permission on secret {self.name}: {exc}")
+            answer = answers[verb]
+            if isinstance(answer, KubeError):
+                log_info(f"error checking {verb} permission on secret {self.name}: {answer}")
                 self.can_patch = self.can_create = False
                 return
-            setattr(self, f"can_{verb}", ok)
+            setattr(self, f"can_{verb}", answer)
 
     def get(self, deadline: float | None = None) -> dict[str, bytes] | None:
         """The Secret's data, or None when it does not exist."""

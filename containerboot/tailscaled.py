@@ -295,7 +295,8 @@ class Tailscaled:
 
 def wait_for_socket(path: str, deadline: float, alive: Callable[[], bool],
                     stop: Callable[[], bool] = lambda: False) -> str | None:
-    """Poll every 100 ms until the socket exists; the problem as text when it does not. `stop` (a
+    """Poll every 10 ms until the socket exists (a cheap stat; upstream polls every 100 ms, which cost
+    50 ms of start-up on average); the problem as text when it does not. `stop` (a
     shutdown signal arrived) ends the wait at once."""
     while True:
         try:
@@ -311,7 +312,7 @@ def wait_for_socket(path: str, deadline: float, alive: Callable[[], bool],
             return "tailscaled exited before its socket appeared"
         if time.monotonic() >= deadline:
             return "failed to bring up tailscale: timed out waiting for tailscaled socket"
-        time.sleep(0.1)
+        time.sleep(0.01)
 
 
 def exit_status(code: int) -> str:
