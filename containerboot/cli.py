@@ -8,7 +8,7 @@ import sys
 from typing import NoReturn
 
 from containerboot import log
-from containerboot.settings import ConfigError, Settings, load
+from containerboot.settings import FILE_VARIABLES, SECRETS, ConfigError, Settings, load
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -23,6 +23,10 @@ def settings_or_exit() -> Settings:
         log.setup(os.environ.get("TS_LOG_FORMAT", "text").lower())
         _fail(f"invalid configuration: {exc}")
     log.setup(settings.log_format)
+    # The secrets now live in Settings: out of the environment every child inherits (iptables -V, nft,
+    # the iptables workers, sysctl...), not only tailscaled's and the CLI's.
+    for name in (*SECRETS, *FILE_VARIABLES):
+        os.environ.pop(name, None)
     return settings
 
 
