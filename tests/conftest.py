@@ -9,11 +9,15 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.lab.kubeapi import KubeAPI
 from tests.lab.kubeapi import have_binaries as have_kube_binaries
+
+if TYPE_CHECKING:
+    from tests.lab.fakes import Root
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -60,3 +64,13 @@ def kubeapi() -> Iterator[KubeAPI]:
 @pytest.fixture
 def kns(kubeapi: KubeAPI) -> str:
     return kubeapi.create_namespace()
+
+
+@pytest.fixture
+def root() -> Iterator[Root]:
+    """A test root laid out like upstream's, with the fake tailscaled, CLI and LocalAPI (tests/lab/fakes.py).
+    Modules that need another one (extra prerequisites, real netfilter tools) define their own."""
+    from tests.lab.fakes import temp_root
+
+    with temp_root() as r:
+        yield r

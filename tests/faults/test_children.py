@@ -19,13 +19,7 @@ from pathlib import Path
 import pytest
 
 from containerboot import tailscaled
-from tests.lab.fakes import SECRET, Root, Run, child_pid, netmap, temp_root, wait_for
-
-
-@pytest.fixture
-def root() -> Iterator[Root]:
-    with temp_root() as r:
-        yield r
+from tests.lab.fakes import SECRET, Root, Run, child_pid, netmap, wait_for
 
 
 @pytest.fixture

@@ -13,11 +13,11 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
-from tests.lab.fakes import Root, Run, child_pid, netmap, state, temp_root
+from tests.lab.fakes import Root, Run, child_pid, netmap, state
 
 BOOT_TIMEOUT = 3.0
 SLACK = 1.0  # "within a second of the cause"
@@ -45,12 +45,6 @@ class SilentSocket:
         self.sock.close()
         for c in self.held:
             c.close()
-
-
-@pytest.fixture
-def root() -> Iterator[Root]:
-    with temp_root() as r:
-        yield r
 
 
 def gone(pid: int) -> bool:

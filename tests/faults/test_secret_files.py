@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import containerboot_exe
-from tests.lab.fakes import Root, temp_root
+from tests.lab.fakes import Root
 
 SHADOW_LIKE = "root:$y$j9T$abcdefghijklmnop$QRSTUVWXYZ0123456789abcdefghij:19700:0:99999:7:::\ndaemon:*:19700:::::\n"
 MAX_RSS_KIB = 100 * 1024  # the interpreter and our imports take about 28 MiB
@@ -45,12 +45,6 @@ def _lines(d: Path) -> str:
 
 CASES: dict[str, Callable[[Path], str]] = {"dev-zero": _zero, "fifo": _fifo, "directory": _directory,
                                            "one-megabyte": _megabyte, "multi-line": _lines}
-
-
-@pytest.fixture
-def root() -> Iterator[Root]:
-    with temp_root() as r:
-        yield r
 
 
 def _children(pid: int) -> list[int]:

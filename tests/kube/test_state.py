@@ -48,12 +48,6 @@ class Pod:
         return str(got)
 
 
-@pytest.fixture
-def root() -> Iterator[Root]:
-    with temp_root() as r:
-        yield r
-
-
 def make_pod(api: KubeAPI, ns: str, root: Root, rules: list[Rule], secret: dict[str, str] | None = None,
              name: str = SECRET_NAME) -> Pod:
     api.create_service_account(ns, "proxies")

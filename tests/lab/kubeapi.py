@@ -35,22 +35,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.lab.tailnet import pinned
+
 HOST = "127.0.0.1"
 ISSUER = "https://kubernetes.default.svc.cluster.local"  # the issuer and audience real clusters use
 SA_DIR = "var/run/secrets/kubernetes.io/serviceaccount"
 START_TIMEOUT = 30.0
 
 Rule = dict[str, list[str]]
-
-
-def pinned() -> dict[str, str]:
-    out = {}
-    for line in (ROOT / "versions.env").read_text().splitlines():
-        if "=" in line and not line.startswith("#"):
-            k, v = line.split("=", 1)
-            out[k.strip()] = v.strip()
-    return out
 
 
 def binaries() -> dict[str, str]:

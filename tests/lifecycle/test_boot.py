@@ -13,17 +13,11 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.conftest import containerboot_exe
-from tests.lab.fakes import SECRET, Root, Run, child_pid, free_port, netmap, peer, state, temp_root, wait_for
+from tests.lab.fakes import SECRET, Root, Run, child_pid, free_port, netmap, peer, state, wait_for
 
 SOCK = "--socket=/tmp/tailscaled.sock"
 TAILSCALED = f"/usr/bin/tailscaled {SOCK} --state=mem: --statedir=/tmp --tun=userspace-networking"
 UP = f"/usr/bin/tailscale {SOCK} up --accept-dns=false"
-
-
-@pytest.fixture
-def root() -> Iterator[Root]:
-    with temp_root() as r:
-        yield r
 
 
 @pytest.fixture

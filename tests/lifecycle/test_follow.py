@@ -7,13 +7,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.lab.fakes import Root, Run, kubelet_publish, netmap, temp_root, wait_for
-
-
-@pytest.fixture
-def root() -> Iterator[Root]:
-    with temp_root() as r:
-        yield r
+from tests.lab.fakes import Root, Run, kubelet_publish, netmap, wait_for
 
 
 @pytest.fixture
