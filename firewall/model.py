@@ -82,6 +82,26 @@ class Snat:
 
 
 @dataclass(frozen=True)
+class PortMap:
+    """Egress service (ProxyGroup): connections that do not arrive on `iface`, of protocol `proto` to
+    port `port` (any destination address: the pod's cluster-facing ports), go to `to`:`to_port`."""
+
+    proto: str  # "tcp" or "udp"
+    port: int
+    to: IPAddress
+    to_port: int
+    iface: str = TUN
+
+    @property
+    def family(self) -> int:
+        return self.to.version
+
+    def __str__(self) -> str:
+        to = f"[{self.to}]" if self.to.version == 6 else str(self.to)
+        return f"portmap {self.proto}/{self.port} not-from {self.iface} -> {to}:{self.to_port}"
+
+
+@dataclass(frozen=True)
 class MssClamp:
     """Clamp the MSS of forwarded TCP SYNs to the path MTU, in both directions through `iface`."""
 
@@ -111,8 +131,8 @@ class Foreign:
         return f"unexpected ipv{self.fam}: {self.text}"
 
 
-Rule = Dnat | DnatNonTailnet | Snat | MssClamp | Foreign
-ORDER = {Dnat: 0, DnatNonTailnet: 1, Snat: 2, MssClamp: 3, Foreign: 4}
+Rule = Dnat | DnatNonTailnet | PortMap | Snat | MssClamp | Foreign
+ORDER = {Dnat: 0, DnatNonTailnet: 1, PortMap: 2, Snat: 3, MssClamp: 4, Foreign: 5}
 
 
 def rule_order(rule: Rule) -> tuple[object, ...]:
@@ -122,6 +142,8 @@ def rule_order(rule: Rule) -> tuple[object, ...]:
             detail: object = int(rule.match)
         case DnatNonTailnet():
             detail = int(rule.to)
+        case PortMap():
+            detail = (rule.proto, rule.port)
         case Snat():
             detail = int(rule.dst)
         case MssClamp():
@@ -146,6 +168,10 @@ def _claim(rule: Rule) -> tuple[int, tuple[int, int, int] | None]:
             return fam, (0, fam, int(rule.match))
         case DnatNonTailnet():
             return rule.to.version, (1, rule.to.version, 0)
+        case PortMap():
+            if rule.proto not in ("tcp", "udp") or not (0 < rule.port < 65536 and 0 < rule.to_port < 65536):
+                raise PlanError(f"{rule}: protocol must be tcp or udp and ports 1-65535")
+            return rule.to.version, (3, rule.to.version, (rule.proto == "udp") << 16 | rule.port)
         case Snat():
             fam = rule.dst.version
             if rule.to.version != fam:
@@ -239,6 +265,10 @@ class Plan:
                 case DnatNonTailnet():
                     out.append({"kind": "dnat-non-tailnet", "family": rule.family, "iface": rule.iface,
                                 "to": str(rule.to)})
+                case PortMap():
+                    out.append({"kind": "portmap", "family": rule.family, "iface": rule.iface,
+                                "proto": rule.proto, "port": rule.port, "to": str(rule.to),
+                                "to_port": rule.to_port})
                 case Snat():
                     out.append({"kind": "snat", "family": rule.family, "dst": str(rule.dst),
                                 "to": str(rule.to)})
