@@ -2,7 +2,10 @@
 
 Layout of `table ip|ip6 containerboot`:
   map ingress        daddr -> new daddr, one element per single-target ingress mapping
-  chain prerouting   nat, dstnat:  map lookup, round-robin DNATs, egress DNAT
+  map portmap_addr   l4proto . dport -> new daddr  } one element each per egress service port (PortMap),
+  map portmap_port   l4proto . dport -> new dport  } only while there are any (for another interface
+                                                     than tailscale0: portmap_<hex of its name>_addr/_port)
+  chain prerouting   nat, dstnat:  map lookup, round-robin DNATs, egress DNAT, port map lookups
   chain postrouting  nat, srcnat:  SNATs
   chain forward      filter, mangle priority: MSS clamp both ways on the tunnel
 
@@ -24,12 +27,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from firewall.model import (
+    TUN,
     Dnat,
     DnatNonTailnet,
     FirewallError,
     Foreign,
     MssClamp,
     Plan,
+    PortMap,
     Rule,
     Snat,
     addr_key,
@@ -171,6 +176,43 @@ def lookup_expr(fam: int) -> list[Json]:
     return [{"dnat": {"addr": {"map": {"key": _payload(fam, "daddr"), "data": "@" + MAP}}}}]
 
 
+# Egress services (PortMap): the new address and the new port come from two maps with the same key, because
+# nft 1.0.6 cannot declare a map whose data is a concatenation (ipv4_addr . inet_service) in JSON: a list
+# makes a set, a string is "Invalid map type". Both maps change in the same transaction.
+PORTMAP_KEY = ["inet_proto", "inet_service"]
+_TH_KEY: Json = {"concat": [{"meta": {"key": "l4proto"}}, {"payload": {"protocol": "th", "field": "dport"}}]}
+
+
+def portmap_maps(iface: str) -> tuple[str, str]:
+    """The names of the address and the port map of the PortMaps not from `iface` (a name as hex, so that
+    any interface name makes a valid set name)."""
+    base = "portmap" if iface == TUN else f"portmap_{iface.encode().hex()}"
+    return base + "_addr", base + "_port"
+
+
+def portmap_iface(name: str) -> str | None:
+    """The interface of a port map's name, the inverse of portmap_maps (None: not a port map's name)."""
+    if name in ("portmap_addr", "portmap_port"):
+        return TUN
+    parts = name.split("_")
+    if len(parts) == 3 and parts[0] == "portmap" and parts[2] in ("addr", "port"):
+        try:
+            iface = bytes.fromhex(parts[1]).decode()
+        except ValueError:
+            return None
+        return iface if portmap_maps(iface)[parts[2] == "port"] == name else None
+    return None
+
+
+def portmap_expr(iface: str) -> list[Json]:
+    """Not from `iface`: DNAT to the address and port both maps hold for the packet's protocol and port
+    (a packet whose key is in neither map goes on unchanged). As nft lists it: no "family" in the dnat."""
+    addr, port = portmap_maps(iface)
+    return [_match(_meta("iifname"), iface, "!="),
+            {"dnat": {"addr": {"map": {"key": _TH_KEY, "data": "@" + addr}},
+                      "port": {"map": {"key": _TH_KEY, "data": "@" + port}}}}]
+
+
 def clamp_expr(direction: str, iface: str) -> list[Json]:
     syn = _match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "rst"]]}, "syn")
     mss = {"mangle": {"key": {"tcp option": {"name": "maxseg", "field": "size"}},
@@ -200,11 +242,51 @@ def rule_exprs(rule: Rule) -> list[tuple[str, list[Json]]]:
 
 
 def _is_mapped(rule: Rule) -> bool:
-    return type(rule) is Dnat and len(rule.to) == 1
+    """The rule is an element of a map (the ingress map, or a port map pair), not a rule of a chain."""
+    return (type(rule) is Dnat and len(rule.to) == 1) or type(rule) is PortMap
 
 
 def _rest(rules: Iterable[Rule]) -> frozenset[Rule]:
     return frozenset(r for r in rules if not _is_mapped(r))
+
+
+def _port_groups(rules: Iterable[Rule]) -> dict[str, list[PortMap]]:
+    """The PortMaps by the interface they are not from (one pair of maps each)."""
+    groups: dict[str, list[PortMap]] = {}
+    for r in rules:
+        if type(r) is PortMap:
+            groups.setdefault(r.iface, []).append(r)
+    return groups
+
+
+def _port_order(r: PortMap) -> tuple[str, int]:
+    return r.proto, r.port
+
+
+def _port_key(r: PortMap) -> str:
+    return f'{{"concat":["{r.proto}",{r.port}]}}'
+
+
+def _port_elements(fam: int, rules: list[PortMap]) -> tuple[Raw, Raw]:
+    """The elements of the address map and of the port map, as JSON text (10,000 of them: see _split)."""
+    text = socket.inet_ntoa if fam == 4 else (lambda b: socket.inet_ntop(socket.AF_INET6, b))
+    keys = [_port_key(r) for r in rules]
+    addrs = ",".join(f'[{k},"{text(r.to.packed)}"]' for k, r in zip(keys, rules, strict=True))
+    ports = ",".join(f"[{k},{r.to_port}]" for k, r in zip(keys, rules, strict=True))
+    return Raw(f"[{addrs}]"), Raw(f"[{ports}]")
+
+
+def _port_map_decls(fam: int, iface: str, rules: list[PortMap], size: int) -> list[Json]:
+    """The add commands of the two maps for `rules` (all not from `iface`), their elements included."""
+    addr, port = portmap_maps(iface)
+    elems = _port_elements(fam, rules) if rules else None
+    out: list[Json] = []
+    for name, data, i in ((addr, ADDR_TYPE[fam], 0), (port, "inet_service", 1)):
+        decl = _ref(fam, name=name, type=PORTMAP_KEY, map=data, size=size)
+        if elems is not None:
+            decl["elem"] = elems[i]
+        out.append({"add": {"map": decl}})
+    return out
 
 
 def _split(fam: int, rules: Iterable[Rule]) -> tuple[Raw | None, list[Rule]]:
@@ -234,11 +316,15 @@ def _ref(fam: int, **kw: Any) -> Json:
     return {"family": FAMILY[fam], "table": TABLE, **kw}
 
 
-def chain_rules(fam: int, rules: list[Rule]) -> list[Json]:
+def chain_rules(fam: int, rules: list[Rule], port_ifaces: Iterable[str] = ()) -> list[Json]:
+    """The chains' rules: the ingress lookup, `rules` (in chain order), then the port map lookups (PortMaps
+    come after every other DNAT in the model's order, and nothing else is in prerouting)."""
     out = [{"add": {"rule": _ref(fam, chain="prerouting", expr=lookup_expr(fam))}}]
     for rule in rules:
         for chain, expr in rule_exprs(rule):
             out.append({"add": {"rule": _ref(fam, chain=chain, expr=expr)}})
+    for iface in sorted(port_ifaces):
+        out.append({"add": {"rule": _ref(fam, chain="prerouting", expr=portmap_expr(iface))}})
     return out
 
 
@@ -246,6 +332,22 @@ def drop_table(fam: int) -> list[Json]:
     # add-then-delete removes the table whether or not it exists (nft 1.0.6 has no `destroy`).
     table = {"family": FAMILY[fam], "name": TABLE}
     return [{"add": {"table": table}}, {"delete": {"table": table}}]
+
+
+def map_counts(plan: Plan) -> dict[str, int]:
+    """The maps a table of `plan` (one family) holds, by name, with the number of rules each is sized for
+    (the ingress map: every rule but the PortMaps, as before there were port maps)."""
+    groups = _port_groups(plan.rules)
+    counts = {MAP: len(plan.rules) - sum(map(len, groups.values()))}
+    for iface, rules in groups.items():
+        for name in portmap_maps(iface):
+            counts[name] = len(rules)
+    return counts
+
+
+def map_sizes(plan: Plan) -> dict[str, int]:
+    """The declared size of each map a full table of `plan` (one family) holds, by map name."""
+    return {name: map_size(n) for name, n in map_counts(plan).items()}
 
 
 def map_size(rules: int) -> int:
@@ -258,15 +360,19 @@ def map_size(rules: int) -> int:
 def full_table(fam: int, plan: Plan, drop: bool = True) -> list[Json]:
     """Replace the family's table with one holding exactly `plan` (one transaction with the rest);
     `drop=False` when the table is known not to exist (deleting it first costs 2 ms at 10,000 elements)."""
-    rules = plan.only(fam).rules
-    elements, rest = _split(fam, rules)  # a map's elements have no order
-    cmap: Json = _ref(fam, name=MAP, type=ADDR_TYPE[fam], map=ADDR_TYPE[fam], size=map_size(len(rules)))
+    mine = plan.only(fam)
+    sizes = map_sizes(mine)
+    elements, rest = _split(fam, mine.rules)  # a map's elements have no order
+    groups = _port_groups(rest)
+    cmap: Json = _ref(fam, name=MAP, type=ADDR_TYPE[fam], map=ADDR_TYPE[fam], size=sizes[MAP])
     if elements is not None:
         cmap["elem"] = elements
     cmds = [*(drop_table(fam) if drop else []), {"add": {"table": {"family": FAMILY[fam], "name": TABLE}}},
             {"add": {"map": cmap}}]
+    for iface, ports in groups.items():
+        cmds += _port_map_decls(fam, iface, ports, sizes[portmap_maps(iface)[0]])
     cmds += [{"add": {"chain": _ref(fam, name=name, **spec)}} for name, spec in CHAINS.items()]
-    return cmds + chain_rules(fam, sorted(rest, key=rule_order))
+    return cmds + chain_rules(fam, sorted(_rest(rest), key=rule_order), groups)
 
 
 def update_table(fam: int, have: Plan, want: Plan) -> list[Json]:
@@ -283,9 +389,25 @@ def update_table(fam: int, have: Plan, want: Plan) -> list[Json]:
     new = sorted((r for r in added if isinstance(r, Dnat) and _is_mapped(r)), key=lambda r: addr_key(r.match))
     if new:
         cmds.append({"add": {"element": _ref(fam, name=MAP, elem=_split(fam, new)[0])}})
-    if _rest(gone) or _rest(added):
+    # Port maps: elements by key in the maps that stay; maps of their own for an interface that comes or goes.
+    have_ifaces, want_ifaces = set(_port_groups(have.rules)), set(_port_groups(want.rules))
+    for iface, ports in _port_groups(gone).items():
+        if iface in want_ifaces:
+            gone_keys = Raw("[" + ",".join(_port_key(r) for r in sorted(ports, key=_port_order)) + "]")
+            cmds += [{"delete": {"element": _ref(fam, name=name, elem=gone_keys)}} for name in portmap_maps(iface)]
+    new_groups = _port_groups(added)
+    for iface, ports in new_groups.items():
+        if iface in have_ifaces:
+            elems = _port_elements(fam, sorted(ports, key=_port_order))
+            cmds += [{"add": {"element": _ref(fam, name=name, elem=e)}}
+                     for name, e in zip(portmap_maps(iface), elems, strict=True)]
+        else:
+            cmds += _port_map_decls(fam, iface, ports, map_size(len(ports)))
+    if _rest(gone) or _rest(added) or have_ifaces != want_ifaces:
         cmds += [{"flush": {"chain": _ref(fam, name=name)}} for name in CHAINS]
-        cmds += chain_rules(fam, sorted(_rest(want.rules), key=rule_order))
+        cmds += chain_rules(fam, sorted(_rest(want.rules), key=rule_order), want_ifaces)
+    for iface in sorted(have_ifaces - want_ifaces):  # after the flush: a rule referred to them
+        cmds += [{"delete": {"map": _ref(fam, name=name)}} for name in portmap_maps(iface)]
     return cmds
 
 
@@ -384,8 +506,52 @@ def _guess(fam: int, chain: str, expr: list[Json]) -> Rule | str | None:
 
 @dataclass(frozen=True)
 class Listing:
-    rules: frozenset[Rule]  # map elements count only while the prerouting chain looks them up
+    rules: frozenset[Rule]  # map elements count only while a prerouting rule looks them up
     lookup: bool  # the prerouting chain holds the map lookup rule
+    port_lookups: frozenset[str] = frozenset()  # interfaces whose port maps both exist and are looked up
+
+
+def _port_element(fam: int, elem: Any) -> tuple[tuple[str, int], object] | None:
+    """((protocol, port), data) of a port map element as listed, or None when it is not one of ours."""
+    if not (isinstance(elem, list) and len(elem) == 2 and isinstance(elem[0], dict)):
+        return None
+    key = elem[0].get("concat")
+    if not (isinstance(key, list) and len(key) == 2 and key[0] in ("tcp", "udp") and type(key[1]) is int):
+        return None
+    return (key[0], key[1]), elem[1]
+
+
+def _port_map(fam: int, body: Json, found: set[Rule],
+              addrs: dict[str, dict[tuple[str, int], object]], ports: dict[str, dict[tuple[str, int], object]]) -> bool:
+    """Collect a port map's elements by interface; False when `body` is no port map of ours."""
+    iface = portmap_iface(body.get("name", ""))
+    if iface is None:
+        return False
+    is_port = body["name"] == portmap_maps(iface)[1]
+    if body.get("type") != PORTMAP_KEY or body.get("map") != ("inet_service" if is_port else ADDR_TYPE[fam]):
+        return False
+    into = (ports if is_port else addrs).setdefault(iface, {})
+    for elem in body.get("elem", []):
+        parsed = _port_element(fam, elem)
+        if parsed is None:
+            found.add(Foreign(fam, f"map {body['name']} element {json.dumps(elem)}"))
+        else:
+            into[parsed[0]] = parsed[1]
+    return True
+
+
+def _port_maps_read(fam: int, iface: str, addrs: dict[tuple[str, int], object],
+                    ports: dict[tuple[str, int], object]) -> set[Rule]:
+    """The PortMaps whose key both maps hold with valid data; Foreign for anything else in them."""
+    out: set[Rule] = set()
+    for key in addrs.keys() | ports.keys():
+        to, port = _addr(addrs.get(key)), ports.get(key)
+        if to is not None and to.version == fam and type(port) is int and 0 < port < 65536:
+            out.add(PortMap(key[0], key[1], to, port, iface))
+        else:
+            out.add(Foreign(fam, f"port maps for {iface}, {key[0]}/{key[1]}: address {json.dumps(addrs.get(key))}, "
+                                 f"port {json.dumps(port)}"))
+    return out
 
 
 def parse_table(fam: int, objects: list[Json]) -> Listing:
@@ -394,6 +560,9 @@ def parse_table(fam: int, objects: list[Json]) -> Listing:
     elements: list[Dnat] = []
     lookup = False
     clamp_halves: set[str] = set()
+    addrs: dict[str, dict[tuple[str, int], object]] = {}  # interface -> port map elements
+    ports: dict[str, dict[tuple[str, int], object]] = {}
+    port_rules: list[str] = []  # interfaces of the port map lookup rules
     for obj in objects:
         kind, body = next(iter(obj.items()))
         if kind == "table":
@@ -407,6 +576,8 @@ def parse_table(fam: int, objects: list[Json]) -> Listing:
                 else:
                     found.add(Foreign(fam, f"map {MAP} element {json.dumps(elem)}"))
             continue
+        if kind == "map" and _port_map(fam, body, found, addrs, ports):
+            continue
         if kind == "chain":
             spec = {k: body.get(k) for k in ("type", "hook", "prio", "policy")}
             if CHAINS.get(body.get("name", "")) != spec:
@@ -416,6 +587,10 @@ def parse_table(fam: int, objects: list[Json]) -> Listing:
             found.add(Foreign(fam, f"{kind} {body.get('name', '')}".strip()))
             continue
         chain, expr = body.get("chain", ""), body.get("expr", [])
+        iface = expr[0].get("match", {}).get("right") if expr and isinstance(expr[0], dict) else None
+        if chain == "prerouting" and isinstance(iface, str) and expr == portmap_expr(iface):
+            port_rules.append(iface)
+            continue
         guess = _guess(fam, chain, expr)
         if guess == "lookup" and expr == lookup_expr(fam):
             lookup = True
@@ -437,7 +612,18 @@ def parse_table(fam: int, objects: list[Json]) -> Listing:
             found.add(Foreign(fam, f"forward: half of the MSS clamp for {iface}"))
     if lookup:
         found.update(elements)
-    return Listing(frozenset(found), lookup)
+    # A port map pair counts while one rule looks it up; a lookup of a missing map cannot exist (nft refuses it).
+    looked_up = set()
+    for iface in port_rules:
+        if iface in looked_up or iface not in addrs or iface not in ports:
+            what = "a second lookup of" if iface in looked_up else "a lookup of unexpected"
+            found.add(Foreign(fam, f"prerouting: {what} port maps for {iface}"))
+            continue
+        looked_up.add(iface)
+        found.update(_port_maps_read(fam, iface, addrs[iface], ports[iface]))
+    for iface in (addrs.keys() | ports.keys()) - looked_up:
+        found.add(Foreign(fam, f"port maps for {iface} that no rule looks up"))
+    return Listing(frozenset(found), lookup, frozenset(looked_up))
 
 
 # ---- the driver -------------------------------------------------------------------------------------
@@ -453,7 +639,7 @@ class NftablesDriver:
         # What the last successful apply installed, per family: the base for small updates, and the
         # ruleset generation right after it (unchanged since means nobody touched anything).
         self._last: dict[int, Plan] = {}
-        self._capacity: dict[int, int] = {}  # the declared size of each family's map (see map_size)
+        self._capacity: dict[int, dict[str, int]] = {}  # the declared size of each family's maps, by name
         self._nl = Nfnetlink()
         self._applied_gen: int | None = None  # the generation our last transaction made, if nobody's came since
         self._cache: tuple[int, Plan] | None = None  # (generation, what the owned tables held at it)
@@ -474,7 +660,8 @@ class NftablesDriver:
         if self._applied_gen is not None and self._nl.generation() == self._applied_gen:
             return True
         read = self._read(fam, terse=True)
-        return read is not None and read.lookup and read.rules == _rest(have.rules)
+        return read is not None and read.lookup and read.rules == _rest(have.rules) \
+            and read.port_lookups == set(_port_groups(have.rules))
 
     def _check_families(self, plan: Plan) -> None:
         for fam in set(FAMILY) - set(self.families):
@@ -500,7 +687,11 @@ class NftablesDriver:
         shortcut = False  # a change built on what we believe is there, which a retry does not trust
         for fam in self.families:
             want, have = plan.only(fam), self._last.get(fam)
-            roomy = len(want.rules) <= self._capacity.get(fam, 0)  # else the map must be declared larger
+            # Every map that stays must have room for its elements, else it is declared larger in a new
+            # table; a map made by the update (a new port map pair) is declared as large as it needs.
+            capacity, counts = self._capacity.get(fam, {}), map_counts(want)
+            kept = map_counts(have) if have is not None else {}
+            roomy = all(n <= capacity.get(name, 0) for name, n in counts.items() if name in kept)
             if not full and have is not None and roomy and self._intact(fam, have):
                 shortcut = True
                 if not have.rules:  # we removed the table, and nothing happened since
@@ -509,6 +700,8 @@ class NftablesDriver:
                     cmds += drop_table(fam)
                 else:
                     cmds += update_table(fam, have, want)
+                    self._capacity[fam] = {name: capacity[name] if name in kept else map_size(n)
+                                           for name, n in counts.items()}
                 continue
             exists = self._nl.has_table(fam, TABLE)
             shortcut = shortcut or exists is False
@@ -528,7 +721,7 @@ class NftablesDriver:
         self._last = {fam: plan.only(fam) for fam in self.families}
 
     def _full(self, fam: int, want: Plan, drop: bool = True) -> list[Json]:
-        self._capacity[fam] = map_size(len(want.rules))
+        self._capacity[fam] = map_sizes(want)
         return full_table(fam, want, drop)
 
     def flush(self) -> None:
