@@ -4,8 +4,10 @@
 #   $CACHE/bin/headscale-$HEADSCALE_VERSION/headscale
 #   $CACHE/bin/etcd-$ETCD_VERSION/etcd                                  (for tests/lab/kubeapi.py)
 #   $CACHE/bin/kubernetes-$KUBERNETES_VERSION/kube-apiserver            (for tests/lab/kubeapi.py)
+#       and kubelet, kube-proxy, kube-controller-manager, kube-scheduler  (for tests/lab/cluster.py)
+#   $CACHE/bin/k8s-operator-$TAILSCALE_VERSION/k8s-operator            (tailscale.com/cmd/k8s-operator, for tests/k8s)
 # Module downloads and the Go build cache live under $CACHE too, so a warm machine builds nothing.
-# Prints the four directories, in that order. CACHE defaults to /var/cache/containerboot (CONTAINERBOOT_CACHE overrides).
+# Prints the five directories, in that order. CACHE defaults to /var/cache/containerboot (CONTAINERBOOT_CACHE overrides).
 # With --image it builds only the image's tailscaled (the CLI linked in: it acts as `tailscale` when called
 # by that name; see IMAGE_TAGS) into $CACHE/bin/tailscaled-image-..., and prints that directory.
 # TAILSCALE_VERSION and HEADSCALE_VERSION in the environment override versions.env. etcd and Kubernetes are
@@ -25,12 +27,20 @@ ts=$CACHE/bin/tailscale-$TAILSCALE_VERSION
 hs=$CACHE/bin/headscale-$HEADSCALE_VERSION
 etcd=$CACHE/bin/etcd-$ETCD_VERSION
 k8s=$CACHE/bin/kubernetes-$KUBERNETES_VERSION
-mkdir -p "$ts" "$hs" "$etcd" "$k8s"
+op=$CACHE/bin/k8s-operator-$TAILSCALE_VERSION
+mkdir -p "$ts" "$hs" "$etcd" "$k8s" "$op"
 
 build_tailscale() {
   [ -x "$ts/tailscale" ] && [ -x "$ts/tailscaled" ] && [ -x "$ts/containerboot" ] && return
   GOBIN=$ts go install -ldflags "-s -w" "tailscale.com/cmd/tailscale@$TAILSCALE_VERSION" \
     "tailscale.com/cmd/tailscaled@$TAILSCALE_VERSION" "tailscale.com/cmd/containerboot@$TAILSCALE_VERSION"
+}
+
+# The Tailscale Kubernetes operator at the same version as tailscaled: its module (tailscale.com) is the one
+# build_tailscale already fetched; its extra dependencies (controller-runtime, client-go) come from the proxy.
+build_operator() {
+  [ -x "$op/k8s-operator" ] && return
+  GOBIN=$op go install -ldflags "-s -w" "tailscale.com/cmd/k8s-operator@$TAILSCALE_VERSION"
 }
 
 build_headscale() {
@@ -81,7 +91,7 @@ build_etcd() {
 
 # The Kubernetes commands to build. The module's tools.go also imports kubelet, kube-proxy,
 # kube-controller-manager and kube-scheduler, so go.sum covers them: adding one here is all it takes.
-K8S_COMMANDS=(kube-apiserver)
+K8S_COMMANDS=(kube-apiserver kubelet kube-proxy kube-controller-manager kube-scheduler)
 
 build_kubernetes() {
   local c pkgs=()
@@ -131,13 +141,18 @@ fi
 build_tailscale & t=$!
 build_headscale & h=$!
 build_etcd & e=$!
+build_operator & o=$!
 wait $t
 wait $h
 wait $e
-# kube-apiserver alone: it is the largest build (about 6 minutes on 2 cores, 2.4 GB at its peak), and running
-# it next to the others would add their memory to that peak for no gain in time on a small machine.
+wait $o
+# The Kubernetes commands after the others: kube-apiserver alone is the largest build (about 6 minutes on 2
+# cores, 2.4 GB at its peak), and running it next to the others would add their memory to that peak for no
+# gain in time on a small machine. The other four share most of its packages, so they add less than their
+# size would suggest.
 build_kubernetes
 echo "$ts"
 echo "$hs"
 echo "$etcd"
 echo "$k8s"
+echo "$op"
