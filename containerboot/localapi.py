@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import http.client
 import json
 import socket
 import threading
@@ -12,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
+from containerboot import http1
 from containerboot.settings import CAPABILITY_VERSION
 
 HOST = "local-tailscaled.sock"
@@ -25,16 +25,17 @@ class LocalAPIError(RuntimeError):
     pass
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float | None) -> None:
-        super().__init__(HOST, timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
+def _open(path: str, timeout: float | None, method: str, target: str, headers: dict[str, str],
+          body: bytes | None = None) -> tuple[socket.socket, http1.Response]:
+    """Connect, send, read the response head; the socket is closed on any failure."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        return sock, http1.request(sock, method, target, HOST, headers, body)
+    except BaseException:
+        sock.close()
+        raise
 
 
 class LocalAPI:
@@ -56,18 +57,21 @@ class LocalAPI:
 
     def _request(self, method: str, path: str, body: bytes | None, headers: dict[str, str] | None,
                  timeout: float | None) -> tuple[int, dict[str, str], bytes]:
-        conn = _UnixConnection(self.socket_path, timeout)
+        sock: socket.socket | None = None
         try:
-            conn.request(method, path, body=body,
-                         headers={"Tailscale-Cap": str(CAPABILITY_VERSION), **(headers or {})})
-            resp = conn.getresponse()
-            return resp.status, dict(resp.getheaders()), resp.read()
-        except (OSError, http.client.HTTPException) as exc:
+            sock, resp = _open(self.socket_path, timeout, method, path,
+                               {"Tailscale-Cap": str(CAPABILITY_VERSION), **(headers or {})}, body)
+            try:
+                return resp.status, resp.headers, resp.read()
+            finally:
+                resp.close()
+        except OSError as exc:
             if isinstance(exc, TimeoutError):
                 raise LocalAPIError(f"{method} {path}: tailscaled did not answer within {timeout:g}s") from exc
             raise LocalAPIError(f"{method} {path}: {exc}") from exc
         finally:
-            conn.close()
+            if sock is not None:
+                sock.close()
 
     def json(self, method: str, path: str, payload: Any = None, headers: dict[str, str] | None = None,
              timeout: float = TIMEOUT) -> Any:
@@ -87,23 +91,22 @@ class BusWatch:
     """`GET /localapi/v0/watch-ipn-bus?mask=N`: a stream of JSON notifications, one object each."""
 
     def __init__(self, socket_path: str, mask: int, timeout: float = WATCH_OPEN_TIMEOUT) -> None:
-        self._conn = _UnixConnection(socket_path, timeout)
         try:
-            self._conn.request("GET", f"/localapi/v0/watch-ipn-bus?mask={mask}",
-                               headers={"Tailscale-Cap": str(CAPABILITY_VERSION)})
-            self._resp = self._conn.getresponse()
+            self._sock, self._resp = _open(socket_path, timeout, "GET", f"/localapi/v0/watch-ipn-bus?mask={mask}",
+                                           {"Tailscale-Cap": str(CAPABILITY_VERSION)})
             # Open: from here a read waits for tailscaled's next notification, however long that takes; the
             # reader is a thread of its own, so the boot's deadline and signals do not depend on it.
-            if self._conn.sock is not None:
-                self._conn.sock.settimeout(None)
-        except (OSError, http.client.HTTPException) as exc:
-            self._conn.close()
+            self._sock.settimeout(None)
+        except OSError as exc:
             if isinstance(exc, TimeoutError):
                 raise LocalAPIError(f"watch-ipn-bus: tailscaled did not answer within {timeout:g}s") from exc
             raise LocalAPIError(f"watch-ipn-bus: {exc}") from exc
         if self._resp.status != 200:
-            body = self._resp.read().decode(errors="replace").strip()
-            self._conn.close()
+            try:
+                body = self._resp.read().decode(errors="replace").strip()
+            except OSError:
+                body = ""
+            self.close()
             raise LocalAPIError(f"watch-ipn-bus: {self._resp.status} {body}")
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -132,8 +135,8 @@ class BusWatch:
 
     def close(self) -> None:
         try:
-            if self._conn.sock:
-                self._conn.sock.shutdown(socket.SHUT_RDWR)
+            self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self._conn.close()
+        self._resp.close()
+        self._sock.close()
