@@ -20,7 +20,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -191,6 +190,8 @@ def _memfd(data: bytes) -> int | None:
 
 def _private_dir(dirs: tuple[str, ...]) -> str:
     """A fresh 0700 directory on the first writable tmpfs-like place (never kept on disk if avoidable)."""
+    import tempfile  # only where memfd_create is refused: with random, about 0.2 MiB nobody else needs
+
     for base in (*dirs, tempfile.gettempdir()):
         try:
             return tempfile.mkdtemp(prefix="containerboot-", dir=base)
