@@ -13,7 +13,18 @@ from hypothesis import strategies as st
 from containerboot import proxy
 from containerboot.settings import load
 from firewall import iptables, nftables, xtables
-from firewall.model import Dnat, DnatNonTailnet, Foreign, IPAddress, MssClamp, Plan, PlanError, Rule, Snat
+from firewall.model import (
+    Dnat,
+    DnatNonTailnet,
+    Foreign,
+    IPAddress,
+    MssClamp,
+    Plan,
+    PlanError,
+    PortMap,
+    Rule,
+    Snat,
+)
 
 a = ipaddress.ip_address
 
@@ -37,6 +48,11 @@ def plans(draw: Any) -> Plan:
             rules.append(Snat(dst, draw(addrs(fam))))
         if draw(st.booleans()):
             rules.append(MssClamp(fam))
+        keys = draw(st.lists(st.tuples(st.sampled_from(["tcp", "udp"]), st.integers(1, 65535)), max_size=5,
+                             unique=True))
+        for proto, port in keys:
+            iface = draw(st.sampled_from(["tailscale0", "tailscale0", "eth0", "eth0.100"]))
+            rules.append(PortMap(proto, port, draw(addrs(fam)), draw(st.integers(1, 65535)), iface))
     return Plan.of(*rules)
 
 
@@ -164,6 +180,75 @@ def test_nftables_small_update_touches_only_the_changed_mapping() -> None:
                              "elem": [["100.64.0.1", "10.0.0.6"]]}}},
     ]
     assert nftables.update_table(4, old, old) == []
+
+
+def test_nftables_portmap_update_is_one_element_per_map() -> None:
+    """A PortMap that moves is one element deleted and added in each of the two maps; removing the last
+    PortMap of an interface removes its maps (after the chains no longer look them up)."""
+    old = Plan.of(*(PortMap("tcp" if i % 2 else "udp", 1000 + i, a(f"10.0.{i // 250}.{i % 250 + 1}"), 80)
+                    for i in range(1000)))
+    moved = PortMap("udp", 1000, a("10.9.9.9"), 8053)
+    new = Plan(frozenset({*(r for r in old.rules if r.port != 1000), moved}))  # type: ignore[union-attr]
+    ref = {"family": "ip", "table": "containerboot"}
+    key = {"concat": ["udp", 1000]}
+    assert as_json(nftables.update_table(4, old, new)) == [
+        {"delete": {"element": {**ref, "name": "portmap_addr", "elem": [key]}}},
+        {"delete": {"element": {**ref, "name": "portmap_port", "elem": [key]}}},
+        {"add": {"element": {**ref, "name": "portmap_addr", "elem": [[key, "10.9.9.9"]]}}},
+        {"add": {"element": {**ref, "name": "portmap_port", "elem": [[key, 8053]]}}},
+    ]
+    last = as_json(nftables.update_table(4, Plan.of(moved), Plan()))
+    assert [next(iter(c)) for c in last][-2:] == ["delete", "delete"]
+    assert [c["delete"]["map"]["name"] for c in last[-2:]] == ["portmap_addr", "portmap_port"]
+
+
+def test_portmap_renderings_match_upstream_shapes() -> None:
+    plan = Plan.of(PortMap("tcp", 80, a("10.0.0.5"), 8080), PortMap("udp", 53, a("fd00::5"), 5353))
+    assert [str(s) for s in iptables.render(plan, 4)] == [
+        "-A CONTAINERBOOT-PREROUTING ! -i tailscale0 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.5:8080"]
+    assert [str(s) for s in iptables.render(plan, 6)] == [
+        "-A CONTAINERBOOT-PREROUTING ! -i tailscale0 -p udp -m udp --dport 53 -j DNAT --to-destination [fd00::5]:5353"]
+    assert nftables.portmap_maps("tailscale0") == ("portmap_addr", "portmap_port")
+    for iface in ("tailscale0", "eth0.100", "a_b"):
+        for name in nftables.portmap_maps(iface):
+            assert nftables.portmap_iface(name) == iface
+    assert nftables.portmap_iface("portmap_zz_addr") is None and nftables.portmap_iface("ingress") is None
+
+
+def test_portmap_entries_are_encode() -> None:
+    """The template path writes and reads exactly what encode() and decode() do, in every DNAT revision."""
+    for fam, revs in ((4, (0, 1, 2)), (6, (1, 2))):
+        to = a("10.1.2.3") if fam == 4 else a("fd00::1:2:3")
+        for rev in revs:
+            for proto in ("tcp", "udp"):
+                for port, to_port in ((1, 65535), (65535, 1), (443, 8443)):
+                    rule = PortMap(proto, port, to, to_port)
+                    entry = iptables.PortEntries(fam, rev, proto, "tailscale0")(rule)
+                    assert entry == iptables.encode(fam, iptables.specs(rule)[0], rev)
+                    assert iptables.PortEntries(fam, rev, proto, "tailscale0").parse(entry) == rule
+                    assert iptables.decode(fam, iptables.PRE, entry) == iptables.specs(rule)[0]
+            # Not ours: the other protocol's template, or a range of ports, is no PortMap.
+            entry = iptables.PortEntries(fam, rev, "tcp", "tailscale0")(PortMap("tcp", 80, to, 81))
+            assert iptables.PortEntries(fam, rev, "udp", "tailscale0").parse(entry) is None
+            wide = bytearray(entry)
+            wide[xtables.LAYOUT[fam].size + xtables.HDR + 6] ^= 1  # dpts[1]: 80-81
+            assert iptables.PortEntries(fam, rev, "tcp", "tailscale0").parse(bytes(wide)) is None
+            found = iptables.read_back(fam, {iptables.PRE: (1, [bytes(wide)])})
+            assert [type(r) for r in found] == [Foreign]
+
+
+def test_nftables_port_maps_read_back_strictly() -> None:
+    """Elements in only one of the two maps, or maps no rule looks up, are drift (Foreign)."""
+    plan = Plan.of(PortMap("tcp", 80, a("10.0.0.5"), 8080), PortMap("udp", 53, a("10.0.0.6"), 53))
+    objs = listed(nftables.full_table(4, plan))
+    assert nftables.parse_table(4, objs).rules == plan.rules
+    addr_map = next(o["map"] for o in objs if o.get("map", {}).get("name") == "portmap_addr")
+    addr_map["elem"] = [e for e in addr_map["elem"] if e[0]["concat"][1] != 53]
+    got = nftables.parse_table(4, objs).rules
+    assert PortMap("tcp", 80, a("10.0.0.5"), 8080) in got and any(isinstance(r, Foreign) for r in got)
+    unused = [o for o in listed(nftables.full_table(4, plan))
+              if not ("rule" in o and o["rule"]["expr"] == nftables.portmap_expr("tailscale0"))]
+    assert all(isinstance(r, Foreign) for r in nftables.parse_table(4, unused).rules)
 
 
 # ---- proxy plans ------------------------------------------------------------------------------------
