@@ -2,7 +2,8 @@
 
 Everything arrives as an event on one queue (IPN notifications from a reader thread, tailscaled's
 exit from the thread that waits for it, signals, a one-second tick), and the main thread handles
-events one at a time. Decisions about rules are the pure `proxy.plan`; this module applies them.
+events one at a time. Decisions about rules are the pure `rules.plan` (proxy settings, egress and
+ingress services in one Plan); this module applies them and writes the services' status.
 """
 
 from __future__ import annotations
@@ -18,7 +19,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from containerboot import configdir, health, ipn, kube, localapi, log, proxy, serve, system, tailscaled
+from containerboot import (
+    configdir,
+    egress,
+    health,
+    ingress,
+    ipn,
+    kube,
+    localapi,
+    log,
+    proxy,
+    rules,
+    serve,
+    system,
+    tailscaled,
+)
 from containerboot.dns import ResolveError, lookup_bounded
 from containerboot.localapi import BusWatch, LocalAPI, LocalAPIError
 from containerboot.settings import Settings
@@ -35,6 +50,8 @@ REISSUE_POLL = 5.0
 BUS_MAX_BACKOFF = 30.0
 BUS_MAX_DIAL_FAILURE = 60.0  # a watch that cannot be reopened for this long means tailscaled is gone
 LOGIN_STATE_WARNING = "login-state"  # health.LoginStateWarnable's code
+STATUS_RETRY_SECONDS = 5.0
+SERVICES_POLL_SECONDS = 10.0  # the service configs are also re-read this often (a write that is no kubelet swap)
 
 
 class Exit(Exception):
@@ -47,7 +64,7 @@ class Exit(Exception):
 
 @dataclass
 class Event:
-    kind: str  # notify | bus-error | tailscaled-exit | signal | config-changed
+    kind: str  # notify | bus-error | tailscaled-exit | signal | config-changed | services-changed
     value: Any = None
     watch: int = 0
     at: float = field(default_factory=time.monotonic)  # when it arrived, for the "our share" figure
@@ -106,6 +123,28 @@ class Boot:
         self.reconnect_at: float | None = None
         self.bus_backoff = 0.0
         self.dial_failing_since: float | None = None
+        # ProxyGroup services: the configs in force (the last good ones), the bytes they were read from,
+        # what the netmap says beyond ipn.Node, and the status last written to the Secret.
+        self.services_on = False
+        self.service_watches: list[configdir.DirWatch] = []
+        self.egress_cfg: egress.Configs | None = None
+        self.egress_bytes: bytes | None = None
+        self.ingress_cfg: ingress.Configs | None = None
+        self.ingress_bytes: bytes | None = None
+        self.netmap_extra = egress.Netmap()
+        self.egress_resolved: list[egress.Resolved] | None = None
+        self.egress_written: dict[str, Any] | None = None
+        self.ingress_written: dict[str, Any] | None = None
+        self.status_retry = False
+        self.next_status_retry = 0.0
+        self.next_services_poll = 0.0
+        self.pod = egress.pod_ips(s.pod_ips)
+        self.drain_stop = threading.Event()
+        self.drain: egress.Drain | None = None
+        if s.egress_proxies_config_path:
+            sleep = float(os.environ.get("TS_TEST_ONLY_EGRESS_SLEEP") or 1.0)  # upstream's testSleepDuration
+            self.drain = egress.Drain(s.egress_proxies_config_path, self.pod, self.drain_stop, short=sleep,
+                                      long=sleep * 10, log=log.info)
 
     # ---- setup -------------------------------------------------------------------------------------
 
@@ -526,6 +565,8 @@ class Boot:
             self.on_bus_error(str(ev.value))
         if ev.kind == "config-changed" and self.started:
             self.on_config_changed()
+        if ev.kind == "services-changed" and self.services_on:
+            self.on_services_changed()
 
     # ---- phases ------------------------------------------------------------------------------------
 
@@ -545,7 +586,7 @@ class Boot:
                 self.common(Event("tailscaled-exit", self.child.proc.returncode))
             raise Exit(1, problem)
         try:
-            self.servers = health.start(s, self.health, self.api)
+            self.servers = health.start(s, self.health, self.api, self.drain.answer if self.drain else None)
         except OSError as exc:
             raise Exit(1, f"failed to listen on the health/metrics address: {exc}") from exc
         if s.enable_forwarding_optimizations:
@@ -611,6 +652,7 @@ class Boot:
                 continue
             if ipn.is_netmap(ev.value):
                 self.node = ipn.update(self.node, ev.value)
+                self.fold_extra(ev.value)
             state = ipn.state_of(ev.value)
             if state == "Running":
                 return
@@ -652,6 +694,7 @@ class Boot:
             if ipn.is_netmap(ev.value):
                 self.netmap_at = ev.at
                 self.node = ipn.update(self.node, ev.value)
+                self.fold_extra(ev.value)
                 if self.node.self_known:
                     self.on_netmap(self_changed=bool(ev.value.get("SelfChange")))
             elif isinstance(ev.value.get("ErrMessage"), str):
@@ -711,42 +754,180 @@ class Boot:
             log.info(text)
 
     def reconcile(self) -> None:
-        """Make the kernel's rules equal to the plan for the node as it is now."""
+        """Make the kernel's rules equal to the plan for the node as it is now, then write the services'
+        status (the operator trusts it to mean "rules are live")."""
         if self.driver is None or self.detection is None:
             return
         s = self.s
-        egress = proxy.egress_targets(s, self.egress)
-        inputs = proxy.Inputs(self.node.addrs, egress, self.backends)
+        egress_targets = proxy.egress_targets(s, self.egress)
+        families = self.detection.families
+        resolved, ingress_cfg, notes = self.service_inputs(families)
+        inputs = rules.Inputs(proxy.Inputs(self.node.addrs, egress_targets, self.backends), resolved, ingress_cfg)
         try:
-            plan, notes = proxy.plan(s, inputs, self.detection.families)
-        except proxy.ProxyError as exc:
+            plan, more = rules.plan(s, inputs, families)
+        except rules.ProxyError as exc:
             raise Exit(1, str(exc)) from exc
-        for text in notes:
+        for text in notes + more:
             self.note(text)
-        if plan == self.applied:
+        if plan != self.applied:
+            if s.dest_ip or s.dest_dns_name:
+                log.info("Installing proxy rules")
+            for target in egress_targets:
+                log.info(f"Installing forwarding rules for destination {target}")
+            if s.allow_cluster_traffic_via_ingress and s.serve_config and s.pod_ip:
+                log.info(f"installing rules to forward traffic for {s.pod_ip} to node's tailnet IP")
+            try:
+                with self.interruptible():
+                    self.driver.apply(plan)
+            except FirewallBusy as exc:
+                # Another program holds the netfilter lock: not an error of ours; the next tick tries again.
+                self.pending = True
+                log.warning(f"firewall: {exc}; retrying")
+                return
+            except FirewallError as exc:
+                raise Exit(1, f"installing proxy rules: {exc}") from exc
+            self.pending = False
+            self.applied = plan
+            self.next_drift = time.monotonic() + DRIFT_CHECK_SECONDS
+            log.info(f"firewall: {len(plan.rules)} rules live in {self.detection.backend} for "
+                     f"{', '.join(map(str, self.node.addrs)) or 'no addresses'}",
+                     ms_after_netmap=round((time.monotonic() - self.netmap_at) * 1000, 2))
+        if self.services_on:
+            self.egress_resolved = resolved
+            self.write_service_status()
+
+    # ---- ProxyGroup services (egress and ingress) ----------------------------------------------------
+
+    def fold_extra(self, notify: dict[str, Any]) -> None:
+        """Peer AllowedIPs and DNS extra records, which only egress services need (Tailscale Service and
+        4via6 targets)."""
+        if self.s.egress_proxies_config_path:
+            self.netmap_extra = egress.fold(self.netmap_extra, notify)
+
+    def refresh_extra_records(self) -> None:
+        """After a SelfChange the DNS config may carry new extra records (upstream asks the same call)."""
+        if not (self.services_on and self.egress_cfg and any(svc.fqdn and not svc.ip for svc in self.egress_cfg)):
             return
-        if s.dest_ip or s.dest_dns_name:
-            log.info("Installing proxy rules")
-        for target in egress:
-            log.info(f"Installing forwarding rules for destination {target}")
-        if s.allow_cluster_traffic_via_ingress and s.serve_config and s.pod_ip:
-            log.info(f"installing rules to forward traffic for {s.pod_ip} to node's tailnet IP")
+        try:
+            cfg = self.api.json("GET", "/localapi/v0/dns-config", timeout=5)
+        except (LocalAPIError, ValueError) as exc:
+            self.note(f"egress services: error reading the DNS config from tailscaled: {exc}")
+            return
+        self.netmap_extra = egress.with_dns_config(self.netmap_extra, cfg)
+
+    def service_inputs(self, families: tuple[int, ...] | list[int] | set[int]
+                       ) -> tuple[list[egress.Resolved], ingress.Configs, list[str]]:
+        if not self.services_on:
+            return [], (), []
+        resolved: list[egress.Resolved] = []
+        notes: list[str] = []
+        if self.egress_cfg:
+            peers = egress.peer_index((p.name, p.addrs) for p in self.node.peers.values())
+            resolved, notes = egress.targets(self.egress_cfg, peers, self.netmap_extra, self.node.self_known,
+                                             families)
+        return resolved, self.ingress_cfg or (), notes
+
+    def start_services(self) -> None:
+        """Upstream starts its egress and ingress proxies once startup is complete; so do we."""
+        s = self.s
+        if self.services_on or not (s.egress_proxies_config_path or s.ingress_proxies_config_path):
+            return
+        self.services_on = True
+        use_inotify = not os.environ.get("TS_TEST_NO_INOTIFY")
+        for what, path, directory in (
+                ("egress", s.egress_proxies_config_path, s.egress_proxies_config_path),
+                ("ingress", s.ingress_proxies_config_path, os.path.dirname(s.ingress_proxies_config_path))):
+            if not path:
+                continue
+            log.info(f"configuring {what} proxy using configuration file at {path}")
+            watch = configdir.DirWatch(directory or ".", lambda: self.events.put(Event("services-changed")),
+                                       use_inotify=use_inotify)
+            if watch.mode != "inotify":
+                log.info(f"{what} services config watch: failed to create fsnotify watcher, timer-only mode: "
+                         f"{watch.problem}")
+            self.service_watches.append(watch)
+        self.load_services()
+        self.next_services_poll = time.monotonic() + SERVICES_POLL_SECONDS
+        if self.node.addrs:
+            self.reconcile()
+
+    def load_services(self) -> bool:
+        """Read the config files again; True when the configs in force changed. A file that cannot be used
+        is logged in one line and the last good config stays in force."""
+        s = self.s
+        changed = False
+        if s.egress_proxies_config_path:
+            path = os.path.join(s.egress_proxies_config_path, egress.KEY_CONFIG)
+            data = configdir.read_bytes(path)
+            if data != self.egress_bytes:
+                self.egress_bytes = data
+                try:
+                    cfg = egress.parse(data, path) if data is not None else None
+                except egress.ConfigError as exc:
+                    log.error(f"{exc}; keeping the {len(self.egress_cfg or ())} egress services in force")
+                else:
+                    changed = changed or cfg != self.egress_cfg
+                    self.egress_cfg = cfg
+                    log.info(f"egress services config: {len(cfg or ())} services")
+        if s.ingress_proxies_config_path:
+            path = s.ingress_proxies_config_path
+            data = configdir.read_bytes(path)
+            if data != self.ingress_bytes:
+                self.ingress_bytes = data
+                try:
+                    icfg = ingress.parse(data, path) if data is not None else None
+                except ingress.ConfigError as exc:
+                    log.error(f"{exc}; keeping the {len(self.ingress_cfg or ())} ingress services in force")
+                else:
+                    # None (no file) and () (an empty object) differ: upstream writes a status for the latter.
+                    changed = changed or icfg != self.ingress_cfg or (icfg is None) != (self.ingress_cfg is None)
+                    self.ingress_cfg = icfg
+                    log.info(f"ingress services config: {len(icfg or ())} services")
+        return changed
+
+    def on_services_changed(self) -> None:
+        self.next_services_poll = time.monotonic() + SERVICES_POLL_SECONDS
+        if self.load_services() and self.node.addrs:
+            self.reconcile()
+
+    def write_service_status(self) -> None:
+        """The `egress-services` and `ingress-config.json` keys, when they differ from what was written."""
+        store = self.kube_store
+        if store is None:
+            return
+        s = self.s
+        patch: dict[str, bytes | None] = {}
+        new_egress = new_ingress = None
+        if s.egress_proxies_config_path and self.egress_resolved is not None:
+            new_egress = egress.status(self.egress_resolved, self.pod)
+            if egress.wants_write(new_egress, self.egress_written):
+                patch[kube.KEY_EGRESS_SERVICES] = egress.status_bytes(new_egress)
+        if s.ingress_proxies_config_path:
+            new_ingress = ingress.status(self.ingress_cfg, self.pod)
+            if ingress.wants_write(self.ingress_cfg, new_ingress, self.ingress_written):
+                patch[kube.KEY_INGRESS_CONFIG] = egress.status_bytes(new_ingress)
+        if not patch:
+            self.status_retry = False
+            return
         try:
             with self.interruptible():
-                self.driver.apply(plan)
-        except FirewallBusy as exc:
-            # Another program holds the netfilter lock: not an error of ours; the next tick tries again.
-            self.pending = True
-            log.warning(f"firewall: {exc}; retrying")
+                store.patch(patch)
+        except kube.KubeError as exc:
+            # The rules are live; the status tells the operator so. Not worth the proxy's life: try again.
+            self.status_retry = True
+            self.next_status_retry = time.monotonic() + STATUS_RETRY_SECONDS
+            log.warning(f"writing services status to Secret {json.dumps(s.kube_secret)}: {exc}; retrying in "
+                        f"{STATUS_RETRY_SECONDS:g}s")
             return
-        except FirewallError as exc:
-            raise Exit(1, f"installing proxy rules: {exc}") from exc
-        self.pending = False
-        self.applied = plan
-        self.next_drift = time.monotonic() + DRIFT_CHECK_SECONDS
-        log.info(f"firewall: {len(plan.rules)} rules live in {self.detection.backend} for "
-                 f"{', '.join(map(str, self.node.addrs)) or 'no addresses'}",
-                 ms_after_netmap=round((time.monotonic() - self.netmap_at) * 1000, 2))
+        self.status_retry = False
+        if kube.KEY_EGRESS_SERVICES in patch:
+            self.egress_written = new_egress
+            n = len((new_egress or {}).get("services") or {})
+            log.info(f"egress services: status of {n} services written to the state Secret")
+        if kube.KEY_INGRESS_CONFIG in patch:
+            self.ingress_written = new_ingress
+            n = len((new_ingress or {}).get("configs") or {})
+            log.info(f"ingress services: status of {n} services written to the state Secret")
 
     def on_netmap(self, self_changed: bool = False) -> None:
         # The device ID goes to the Secret before any rule, so that the operator can delete the device
@@ -754,6 +935,8 @@ class Boot:
         # the operator publishes them as the Service's endpoint.
         self.store_device_id()
         self.resolve_egress()
+        if self_changed:
+            self.refresh_extra_records()
         # Like upstream: an egress name that does not resolve yet means no rules and no device_fqdn for
         # now (the next netmap tries again), but the startup check below still runs.
         if not (self.s.tailnet_target_fqdn and not self.egress):
@@ -776,6 +959,7 @@ class Boot:
                                  or (self.stored_id is not None and self.stored_endpoints is not None)):
             self.started = True
             log.info("Startup complete, waiting for shutdown signal")
+            self.start_services()
 
     def poll_serve(self) -> None:
         assert self.serve is not None
@@ -803,6 +987,10 @@ class Boot:
             return
         if self.serve:
             self.poll_serve()
+        if self.services_on and time.monotonic() >= self.next_services_poll:
+            self.on_services_changed()
+        if self.status_retry and not self.pending and time.monotonic() >= self.next_status_retry:
+            self.write_service_status()
         if self.s.dest_dns_name and time.monotonic() >= self.next_dns:
             before = self.backends
             self.resolve_backends()
@@ -855,9 +1043,12 @@ class Boot:
     def shutdown(self, clean: bool) -> None:
         self.shutting_down = True
         self.blocking = False
+        self.drain_stop.set()  # a pre-stop drain in progress answers now
         self.close_watch()
         if self.config_watch is not None:
             self.config_watch.close()
+        for watch in self.service_watches:
+            watch.close()
         if self.child is not None and self.child.proc.poll() is None:
             deadline = time.monotonic() + SHUTDOWN_TIMEOUT
             if clean and self.heard_from_tailscaled:

@@ -40,9 +40,30 @@ def _ips(values: Sequence[str], option: str) -> tuple[IPAddress, ...]:
     return tuple(out)
 
 
+def _services(settings: Settings, families: Sequence[int]) -> tuple[Any, Any, list[str]]:
+    """The egress services (IP targets only: names are resolved from the netmap at run time) and ingress
+    services of the config files, as a replica reads them."""
+    from containerboot import egress, ingress
+
+    resolved: list[egress.Resolved] = []
+    icfg: ingress.Configs | None = None
+    notes: list[str] = []
+    try:
+        if settings.egress_proxies_config_path:
+            cfg = egress.read_config(settings.egress_proxies_config_path) or ()
+            resolved, notes = egress.targets(cfg, {}, egress.Netmap(), False, families)
+            notes += [f"egress service {svc.name}: target {svc.fqdn} is a name, resolved from the netmap at run "
+                      "time; no rules for it here" for svc in cfg if svc.ip is None]
+        if settings.ingress_proxies_config_path:
+            icfg = ingress.read_config(settings.ingress_proxies_config_path)
+    except (egress.ConfigError, ingress.ConfigError) as exc:
+        _fail(str(exc))
+    return resolved, icfg, notes
+
+
 def _plan(settings: Settings, tailnet_ips: Sequence[str], target_addrs: Sequence[str],
           families: Sequence[int] = (4, 6)) -> Any:
-    from containerboot import dns, proxy
+    from containerboot import dns, proxy, rules
 
     backends: tuple[IPAddress, ...] = ()
     if settings.dest_dns_name:
@@ -50,15 +71,31 @@ def _plan(settings: Settings, tailnet_ips: Sequence[str], target_addrs: Sequence
             backends = dns.lookup(settings.dest_dns_name)
         except OSError as exc:
             _fail(f"resolving TS_EXPERIMENTAL_DEST_DNS_NAME: {exc}")
-    inputs = proxy.Inputs(_ips(tailnet_ips, "--tailnet-ip"),
-                          proxy.egress_targets(settings, _ips(target_addrs, "--target-addr")), backends)
+    resolved, icfg, notes = _services(settings, families)
+    inputs = rules.Inputs(proxy.Inputs(_ips(tailnet_ips, "--tailnet-ip"),
+                                       proxy.egress_targets(settings, _ips(target_addrs, "--target-addr")), backends),
+                          resolved, icfg or ())
     try:
-        plan, notes = proxy.plan(settings, inputs, families)
-    except proxy.ProxyError as exc:
+        plan, more = rules.plan(settings, inputs, families)
+    except rules.ProxyError as exc:
         _fail(str(exc))
-    for note in notes:
+    for note in notes + more:
         log.info(note)
     return plan
+
+
+def _status(settings: Settings) -> dict[str, Any]:
+    """The services' status a replica with these config files writes to its state Secret."""
+    from containerboot import egress, ingress
+
+    resolved, icfg, _ = _services(settings, (4, 6))
+    pod = egress.pod_ips(settings.pod_ips)
+    out: dict[str, Any] = {}
+    if settings.egress_proxies_config_path:
+        out[egress.KEY_CONFIG] = egress.status(resolved, pod)
+    if settings.ingress_proxies_config_path:
+        out[ingress.KEY_STATUS] = ingress.status(icfg, pod)
+    return out
 
 
 tailnet_ip_option = click.option("--tailnet-ip", "tailnet_ips", multiple=True, required=True, metavar="IP",
@@ -88,10 +125,15 @@ def detect(as_json: bool) -> None:
 @tailnet_ip_option
 @target_addr_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def plan(tailnet_ips: tuple[str, ...], target_addrs: tuple[str, ...], as_json: bool) -> None:
-    """Print the rules the environment asks for; touches nothing."""
-    result = _plan(settings_or_exit(), tailnet_ips, target_addrs)
+@click.option("--status", "show_status", is_flag=True,
+              help="Also print the egress-services / ingress-config.json status a replica would write (JSON).")
+def plan(tailnet_ips: tuple[str, ...], target_addrs: tuple[str, ...], as_json: bool, show_status: bool) -> None:
+    """Print the rules the environment asks for (proxy settings, egress and ingress services); touches nothing."""
+    settings = settings_or_exit()
+    result = _plan(settings, tailnet_ips, target_addrs)
     click.echo(json.dumps(result.to_json()) if as_json else str(result))
+    if show_status:
+        click.echo(json.dumps(_status(settings)))
 
 
 @commands.command()

@@ -41,6 +41,7 @@ from containerboot.localapi import LocalAPI, LocalAPIError
 from containerboot.settings import Settings, parse_addr_port
 
 NO_IPS = b"node currently has no tailscale IPs\n"
+PRESHUTDOWN_PATH = "/internal-egress-services-preshutdown"  # kubetypes.EgessServicesPreshutdownEP
 
 MAX_CONNECTIONS = 64
 REQUEST_TIMEOUT = 10.0  # from accept to the whole request (head and body)
@@ -77,7 +78,11 @@ class Health:
             return self._healthy
 
 
-def _handler(health: Health | None, metrics: LocalAPI | None, debug: str) -> type[BaseHTTPRequestHandler]:
+Preshutdown = Callable[[], tuple[int, bytes]]
+
+
+def _handler(health: Health | None, metrics: LocalAPI | None, debug: str,
+             preshutdown: Preshutdown | None = None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: Any) -> None:
             pass
@@ -97,11 +102,15 @@ def _handler(health: Health | None, metrics: LocalAPI | None, debug: str) -> typ
             path = self.path.split("?", 1)[0]
             if path.startswith("/debug/") and metrics is not None:
                 return self._debug()
-            known = {"/healthz": health is not None, "/metrics": metrics is not None}
+            known = {"/healthz": health is not None, "/metrics": metrics is not None,
+                     PRESHUTDOWN_PATH: preshutdown is not None}
             if not known.get(path):
                 return self._send(404, b"404 page not found\n")
             if self.command not in ("GET", "HEAD"):
                 return self._send(405, b"Method Not Allowed\n")
+            if path == PRESHUTDOWN_PATH and preshutdown is not None:
+                status, body = preshutdown()  # on a worker thread: it waits for cluster traffic to stop
+                return self._send(status, body)
             if path == "/healthz" and health is not None:
                 if health.healthy:
                     return self._send(200, b"ok", health.headers)
@@ -532,29 +541,38 @@ class Server:
             log.warning(message)
 
 
-def serve(addr_port: str, health: Health | None, metrics: LocalAPI | None, debug: str) -> Server:
+def serve(addr_port: str, health: Health | None, metrics: LocalAPI | None, debug: str,
+          preshutdown: Preshutdown | None = None) -> Server:
     ip, port = parse_addr_port(addr_port)
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
 
-    def slow(path: str) -> bool:  # answers that wait on tailscaled go to a worker
+    def slow(path: str) -> bool:  # answers that wait (on tailscaled, on cluster traffic) go to a worker
+        if path == PRESHUTDOWN_PATH:
+            return preshutdown is not None
         return metrics is not None and (path == "/metrics" or (path.startswith("/debug/") and bool(debug)))
 
-    return Server((str(ip), port), family, _handler(health, metrics, debug), slow, name=f"http-{addr_port}")
+    return Server((str(ip), port), family, _handler(health, metrics, debug, preshutdown), slow,
+                  name=f"http-{addr_port}")
 
 
-def start(s: Settings, health: Health, api: LocalAPI) -> list[Server]:
-    """Upstream's servers: the deprecated health-only one, then the local one."""
+def start(s: Settings, health: Health, api: LocalAPI, preshutdown: Preshutdown | None = None) -> list[Server]:
+    """Upstream's servers: the deprecated health-only one, then the local one (which also serves the egress
+    services' pre-stop hook when TS_EGRESS_PROXIES_CONFIG_PATH is set)."""
     servers = []
     if s.healthcheck_addr_port:
         servers.append(serve(s.healthcheck_addr_port, health, None, ""))
         log.info(f"Running healthcheck endpoint at {s.healthcheck_addr_port}/healthz")
-    if s.enable_metrics or s.enable_health_check:
+    if not s.egress_proxies_config_path:
+        preshutdown = None
+    if s.enable_metrics or s.enable_health_check or preshutdown is not None:
         servers.append(serve(s.local_addr_port, health if s.enable_health_check else None,
-                             api if s.enable_metrics else None, s.debug_addr_port))
+                             api if s.enable_metrics else None, s.debug_addr_port, preshutdown))
         if s.enable_metrics:
             log.info(f"Running metrics endpoint at {s.local_addr_port}/metrics")
         if s.enable_health_check:
             log.info(f"Running healthcheck endpoint at {s.local_addr_port}/healthz")
+        if preshutdown is not None:
+            log.info(f"Running egress preshutdown hook at {s.local_addr_port}{PRESHUTDOWN_PATH}")
     return servers
 
 

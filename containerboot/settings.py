@@ -771,10 +771,6 @@ def _validate(s: Settings) -> Settings:
     # Features the operator relies on that are read but not built yet: say so at every start, never
     # look as if they worked (the README's Variables table says the same).
     for name, value, missing in (
-            ("TS_EGRESS_PROXIES_CONFIG_PATH", s.egress_proxies_config_path,
-             "no egress-service rules are installed and no egress-services status is written"),
-            ("TS_INGRESS_PROXIES_CONFIG_PATH", s.ingress_proxies_config_path,
-             "no ingress-service rules are installed and no ingress-config.json status is written"),
             ("TS_EXPERIMENTAL_CERT_SHARE", s.cert_share,
              "tailscaled gets TS_CERT_SHARE_MODE, but containerboot runs no certificate loops"),
             ("TS_EXPERIMENTAL_SERVICE_AUTO_ADVERTISEMENT", s.serve_config and s.service_auto_advertisement,
