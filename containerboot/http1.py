@@ -8,6 +8,7 @@ a proxy without the Kubernetes store never uses, paid in every pod (measured wit
 from __future__ import annotations
 
 import socket
+import time
 
 MAX_HEADER_LINE = 64 * 1024  # http.client's own limit on a header or status line
 MAX_HEADERS = 100  # http.client's limit on the number of header lines
@@ -115,3 +116,82 @@ def request(sock: socket.socket, method: str, path: str, host: str, headers: dic
         lines.append(f"Content-Length: {len(body or b'')}")
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b""))
     return Response(sock, method)
+
+
+# ---- server side: the local endpoints (health.py) ----------------------------------------------------
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 413: "Payload Too Large",
+           431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
+           502: "Bad Gateway", 503: "Service Unavailable", 505: "HTTP Version Not Supported"}
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"})
+
+
+class Request:
+    """One parsed request: method, target, headers (names lower-cased), body."""
+
+    def __init__(self, method: str, target: str, headers: dict[str, str], body: bytes) -> None:
+        self.method, self.target, self.headers, self.body = method, target, headers, body
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+
+class BadRequest(ValueError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_request(data: bytes) -> Request:
+    """A whole request (head and, if any, body) as read by the server; BadRequest says what to answer.
+    Lines may end in CRLF or a bare LF."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        head, _, body = data.partition(b"\n\n")
+    lines = head.decode("latin-1").replace("\r\n", "\n").split("\n")
+    words = lines[0].split()
+    if len(words) != 3:
+        raise BadRequest(400, f"Bad request syntax ({lines[0][:60]!r})")
+    method, target, version = words
+    major, dot, minor = version.removeprefix("HTTP/").partition(".")
+    if not version.startswith("HTTP/") or not dot or not major.isdigit() or not minor.isdigit():
+        raise BadRequest(400, f"Bad request version ({version[:20]!r})")
+    if int(major) >= 2:
+        raise BadRequest(505, f"Invalid HTTP version ({version[:20]})")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise BadRequest(431, "Too many headers")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if len(line) > MAX_HEADER_LINE:
+            raise BadRequest(431, "Line too long")
+        name, colon, value = line.partition(":")
+        if not colon or not name.strip():
+            raise BadRequest(400, f"Bad header line ({line[:60]!r})")
+        headers[name.strip().lower()] = value.strip()
+    if method not in METHODS:
+        raise BadRequest(501, f"Unsupported method ({method[:20]!r})")
+    return Request(method, target, headers, body)
+
+
+def http_date(now: float) -> str:
+    """RFC 9110's IMF-fixdate, without email.utils (which would bring most of the email package)."""
+    t = time.gmtime(now)
+    return (f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
+
+
+def response(status: int, body: bytes, headers: dict[str, str] | None = None, head_only: bool = False,
+             now: float | None = None) -> bytes:
+    """A whole HTTP/1.0 answer (one request per connection): status line, Date, the given headers,
+    Content-Length, and a plain-text Content-Type unless one is given."""
+    given = headers or {}
+    date = http_date(time.time() if now is None else now)
+    lines = [f"HTTP/1.0 {status} {REASONS.get(status, 'Unknown')}", f"Date: {date}"]
+    lines += [f"{k}: {v}" for k, v in given.items()]
+    if not any(k.lower() == "content-type" for k in given):
+        lines.append("Content-Type: text/plain; charset=utf-8")
+    lines += [f"Content-Length: {len(body)}", "Connection: close"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body)

@@ -85,3 +85,30 @@ def test_malformed_responses_raise_one_clear_error(answer: bytes, message: str) 
     with pytest.raises(http1.HTTPError, match=message):
         resp, _ = exchange(answer)
         resp.read()
+
+
+def test_server_parses_a_request_with_bare_newlines_and_a_body() -> None:
+    req = http1.parse_request(b"POST /debug/x?y=1 HTTP/1.1\nHost: a\nContent-Length: 2\n\nhi")
+    assert (req.method, req.target, req.path, req.headers, req.body) == (
+        "POST", "/debug/x?y=1", "/debug/x", {"host": "a", "content-length": "2"}, b"hi")
+
+
+@pytest.mark.parametrize("data, status", [
+    (b"GET /healthz\r\n\r\n", 400),
+    (b"GET /healthz HTTX/1.1\r\n\r\n", 400),
+    (b"GET /healthz HTTP/2.0\r\n\r\n", 505),
+    (b"BREW /healthz HTTP/1.1\r\n\r\n", 501),
+    (b"GET /healthz HTTP/1.1\r\nno colon\r\n\r\n", 400),
+    (b"GET /healthz HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n", 431),
+])
+def test_server_rejects_bad_requests_with_a_status(data: bytes, status: int) -> None:
+    with pytest.raises(http1.BadRequest) as err:
+        http1.parse_request(data)
+    assert err.value.status == status
+
+
+def test_server_response_bytes() -> None:
+    out = http1.response(200, b"ok", {"Pod-IPv4": "10.0.0.1"}, now=0)
+    assert out == (b"HTTP/1.0 200 OK\r\nDate: Thu, 01 Jan 1970 00:00:00 GMT\r\nPod-IPv4: 10.0.0.1\r\n"
+                   b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    assert http1.response(503, b"x", head_only=True, now=0).endswith(b"Content-Length: 1\r\nConnection: close\r\n\r\n")
