@@ -67,6 +67,14 @@ class Service:
 Configs = tuple[Service, ...]  # sorted by name
 
 
+def show(value: Any) -> str:
+    """A value in an error line: a string JSON-quoted, anything else as JSON; cut short either way."""
+    if isinstance(value, str):
+        return shown(value)
+    text = json.dumps(value)
+    return text if len(text) <= 60 else f"{text[:60]}… ({len(text)} characters)"
+
+
 def _field(obj: Mapping[str, Any], name: str) -> Any:
     """Go's encoding/json matches field names case-insensitively, preferring the exact one."""
     if name in obj:
@@ -77,7 +85,7 @@ def _field(obj: Mapping[str, Any], name: str) -> Any:
 
 def _port(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
-        raise ConfigError(f"{where} {shown(json.dumps(value))}: must be a port number 1-65535")
+        raise ConfigError(f"{where} {show(value)}: must be a port number 1-65535")
     return value
 
 
@@ -97,9 +105,9 @@ def parse(data: bytes, path: str = KEY_CONFIG) -> Configs | None:
         raise ConfigError(f"{prefix} expected a JSON object of service name -> config, got {type(doc).__name__}")
     out: list[Service] = []
     for name, cfg in sorted(doc.items()):
-        where = f"{prefix} service {shown(json.dumps(name))}"
+        where = f"{prefix} service {show(name)}"
         if not isinstance(cfg, dict):
-            raise ConfigError(f"{where}: expected an object, got {shown(json.dumps(cfg))}")
+            raise ConfigError(f"{where}: expected an object, got {show(cfg)}")
         target = _field(cfg, "tailnetTarget") or {}
         if not isinstance(target, dict):
             raise ConfigError(f"{where}: tailnetTarget must be an object with ip or fqdn")
@@ -111,7 +119,7 @@ def parse(data: bytes, path: str = KEY_CONFIG) -> Configs | None:
             try:
                 ip = ipaddress.ip_address(ip_text)
             except ValueError:
-                raise ConfigError(f"{where}: tailnetTarget.ip {shown(ip_text)} is not an IP address") from None
+                raise ConfigError(f"{where}: tailnetTarget.ip {show(ip_text)} is not an IP address") from None
         elif not fqdn:
             raise ConfigError(f"{where}: tailnetTarget has neither ip nor fqdn (set exactly one)")
         ports_doc = _field(cfg, "ports")
@@ -124,10 +132,10 @@ def parse(data: bytes, path: str = KEY_CONFIG) -> Configs | None:
             pwhere = f"{where}: ports[{i}]"
             if not isinstance(pm, dict):
                 raise ConfigError(f"{pwhere}: expected {{protocol, matchPort, targetPort}}, got "
-                                  f"{shown(json.dumps(pm))}")
+                                  f"{show(pm)}")
             proto = _field(pm, "protocol")
             if proto not in ("tcp", "udp"):
-                raise ConfigError(f"{pwhere}.protocol {shown(json.dumps(proto))}: must be tcp or udp")
+                raise ConfigError(f"{pwhere}.protocol {show(proto)}: must be tcp or udp")
             ports.add(PortSpec(proto, _port(_field(pm, "matchPort"), f"{pwhere}.matchPort"),
                                _port(_field(pm, "targetPort"), f"{pwhere}.targetPort")))
         hep = _field(cfg, "healthCheckEndpoint") or ""
@@ -167,7 +175,7 @@ def read_hep_pings(directory: str) -> int:
     try:
         n = int(text)  # like strconv.Atoi: no surrounding space
     except ValueError:
-        raise ConfigError(f"{SETTING}: {path}: {shown(text)} is not an integer") from None
+        raise ConfigError(f"{SETTING}: {path}: {show(text)} is not an integer") from None
     return max(0, n)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from containerboot.settings import shown
+from containerboot.egress import show
 from firewall.model import IPAddress
 
 SETTING = "TS_INGRESS_PROXIES_CONFIG_PATH"
@@ -58,16 +58,16 @@ def _mapping(doc: Any, where: str, fam: int) -> VipMap | None:
     if doc is None:
         return None
     if not isinstance(doc, dict):
-        raise ConfigError(f"{where}: expected {{TailscaleServiceIP, ClusterIP}}, got {shown(json.dumps(doc))}")
+        raise ConfigError(f"{where}: expected {{TailscaleServiceIP, ClusterIP}}, got {show(doc)}")
     addrs = []
     for key in ("TailscaleServiceIP", "ClusterIP"):
         text = _field(doc, key)
         try:
             ip = ipaddress.ip_address(text if isinstance(text, str) else "")
         except ValueError:
-            raise ConfigError(f"{where}.{key} {shown(json.dumps(text))}: must be an IPv{fam} address") from None
+            raise ConfigError(f"{where}.{key} {show(text)}: must be an IPv{fam} address") from None
         if ip.version != fam:
-            raise ConfigError(f"{where}.{key} {shown(str(ip))}: must be an IPv{fam} address")
+            raise ConfigError(f"{where}.{key} {show(str(ip))}: must be an IPv{fam} address")
         addrs.append(ip)
     return VipMap(addrs[0], addrs[1])
 
@@ -90,9 +90,9 @@ def parse(data: bytes, path: str = KEY_STATUS) -> Configs | None:
                           f"{type(doc).__name__}")
     out = []
     for name, cfg in sorted(doc.items()):
-        where = f"{prefix} service {shown(json.dumps(name))}"
+        where = f"{prefix} service {show(name)}"
         if not isinstance(cfg, dict):
-            raise ConfigError(f"{where}: expected an object, got {shown(json.dumps(cfg))}")
+            raise ConfigError(f"{where}: expected an object, got {show(cfg)}")
         out.append(Service(str(name), _mapping(_field(cfg, "IPv4Mapping"), f"{where}: IPv4Mapping", 4),
                            _mapping(_field(cfg, "IPv6Mapping"), f"{where}: IPv6Mapping", 6)))
     return tuple(out)
