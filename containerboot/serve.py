@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from containerboot import log
@@ -31,9 +32,13 @@ def wants_https(cfg: dict[str, Any]) -> bool:
 class ServeWatcher:
     """Re-reads the file when it or the cert domain changes; applies only what differs."""
 
-    def __init__(self, path: str, api: LocalAPI) -> None:
+    def __init__(self, path: str, api: LocalAPI,
+                 on_change: Callable[[Mapping[str, Any]], None] | None = None) -> None:
         self.path = path
         self.api = api
+        # Told of each config handled, as poll() returns True: the Services' cert loops and advertisement
+        # follow it (services.Services.on_serve_config).
+        self.on_change = on_change
         self._seen: tuple[object, ...] | None = None
         self._applied: dict[str, Any] | None = None
 
@@ -67,6 +72,9 @@ class ServeWatcher:
             return False
         if cert_domain == "no-https" and wants_https(cfg):
             log.warning(NO_HTTPS_WARNING)
+            # Upstream still starts the cert loops for a config it did not apply for want of HTTPS.
+            if self.on_change is not None:
+                self.on_change(cfg)
             return True
         log.info("serve proxy: applying serve config")
         self.api.json("POST", "/localapi/v0/serve-config", cfg)
@@ -74,4 +82,6 @@ class ServeWatcher:
         handlers = len(cfg.get("TCP") or {}) + sum(len(w.get("Handlers") or {}) for w in (cfg.get("Web") or {}).values()
                                                    if isinstance(w, dict))
         log.info(f'serve proxy: serving "{self.path}": {handlers} handlers')
+        if self.on_change is not None:
+            self.on_change(cfg)
         return True
