@@ -14,7 +14,6 @@ What differs from upstream, on purpose:
 
 from __future__ import annotations
 
-import http.client
 import ipaddress
 import json
 import os
@@ -459,6 +458,8 @@ class Drain:
 
     def _ask(self, url: str, header: str, timeout: float) -> str | None:
         """The header's value from one GET on a new connection ("" when absent); None when unreachable."""
+        import http.client  # only a pre-stop drain pays for it (it brings email.parser)
+
         parts = urllib.parse.urlsplit(url)
         conn_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         try:
