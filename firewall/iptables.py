@@ -529,7 +529,8 @@ class IptablesDriver:
 
     def apply(self, plan: Plan, full: bool = True) -> None:
         """Rewrites the owned chains whole each time (`full` is accepted for the common interface)."""
-        extra = plan.families() - set(self.families)
+        # By the plan's cached family split: plan.families() asks each rule its family (13 ms at 10,000).
+        extra = [fam for fam in (4, 6) if fam not in self.families and plan.only(fam).rules]
         if extra:
             raise FirewallError(f"iptables: no usable IPv{min(extra)} NAT (ip6_tables) in this kernel")
         self._write(plan)

@@ -259,6 +259,21 @@ def _port_groups(rules: Iterable[Rule]) -> dict[str, list[PortMap]]:
     return groups
 
 
+_groups_seen: list[tuple[Plan, dict[str, list[PortMap]]]] = []  # the last few plans' groups (read only)
+
+
+def _plan_groups(plan: Plan) -> dict[str, list[PortMap]]:
+    """_port_groups of a plan's rules, remembered for the last few plans: one apply asks it of the same two
+    plans five times (2 ms each at 10,000 rules)."""
+    for seen, groups in _groups_seen:
+        if seen is plan:
+            return groups
+    groups = _port_groups(plan.rules)
+    _groups_seen.insert(0, (plan, groups))
+    del _groups_seen[4:]
+    return groups
+
+
 def _port_order(r: PortMap) -> tuple[str, int]:
     return r.proto, r.port
 
@@ -337,7 +352,7 @@ def drop_table(fam: int) -> list[Json]:
 def map_counts(plan: Plan) -> dict[str, int]:
     """The maps a table of `plan` (one family) holds, by name, with the number of rules each is sized for
     (the ingress map: every rule but the PortMaps, as before there were port maps)."""
-    groups = _port_groups(plan.rules)
+    groups = _plan_groups(plan)
     counts = {MAP: len(plan.rules) - sum(map(len, groups.values()))}
     for iface, rules in groups.items():
         for name in portmap_maps(iface):
@@ -390,7 +405,7 @@ def update_table(fam: int, have: Plan, want: Plan) -> list[Json]:
     if new:
         cmds.append({"add": {"element": _ref(fam, name=MAP, elem=_split(fam, new)[0])}})
     # Port maps: elements by key in the maps that stay; maps of their own for an interface that comes or goes.
-    have_ifaces, want_ifaces = set(_port_groups(have.rules)), set(_port_groups(want.rules))
+    have_ifaces, want_ifaces = set(_plan_groups(have)), set(_plan_groups(want))
     for iface, ports in _port_groups(gone).items():
         if iface in want_ifaces:
             gone_keys = Raw("[" + ",".join(_port_key(r) for r in sorted(ports, key=_port_order)) + "]")
@@ -661,7 +676,7 @@ class NftablesDriver:
             return True
         read = self._read(fam, terse=True)
         return read is not None and read.lookup and read.rules == _rest(have.rules) \
-            and read.port_lookups == set(_port_groups(have.rules))
+            and read.port_lookups == set(_plan_groups(have))
 
     def _check_families(self, plan: Plan) -> None:
         for fam in set(FAMILY) - set(self.families):
