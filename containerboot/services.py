@@ -341,7 +341,8 @@ class _Advertiser:
     last: float = float("-inf")
     failures: int = 0
     stopped: bool = False
-    busy: bool = False
+    busy: bool = False  # inside refresh()
+    writing: bool = False  # inside refresh()'s prefs write
     advertised: tuple[str, ...] = ()  # what this program set last (empty: nothing of ours)
 
     def trigger(self, soon: bool) -> None:
@@ -351,9 +352,14 @@ class _Advertiser:
             self.cv.notify()
 
     def stop(self) -> None:
+        """Ends the thread. A read in progress is cut off; a prefs write is let finish (join()), so that
+        unadvertise, which comes next, is the last write."""
         with self.cv:
             self.stopped = True
+            writing = self.writing
             self.cv.notify()
+        if not writing:
+            self.calls.abort()
 
     def run(self) -> None:
         while True:
@@ -367,6 +373,8 @@ class _Advertiser:
                 self.refresh()
                 self.failures = 0
             except (LocalAPIError, ValueError) as exc:
+                if self.stopped:
+                    return
                 self.failures += 1
                 wait = min(ADVERTISE_RETRY[1], ADVERTISE_RETRY[0] * 2 ** (self.failures - 1))
                 log.info(f"auto-advertisement: {exc}; trying again in {duration(wait)}")
@@ -375,7 +383,7 @@ class _Advertiser:
                     self.due = retry_at if self.due is None else min(self.due, retry_at)
             finally:
                 with self.cv:
-                    self.busy = False
+                    self.busy = self.writing = False
                     self.cv.notify_all()
 
     def refresh(self) -> None:
@@ -388,8 +396,10 @@ class _Advertiser:
         if tuple(sorted(current or ())) == wanted:
             self.advertised = wanted
             return  # each prefs change is a state write (a Secret PATCH in Kubernetes): only when it differs
-        if self.stopped:
-            return  # shutting down: unadvertise owns the prefs now
+        with self.cv:
+            if self.stopped:
+                return  # shutting down: unadvertise owns the prefs now
+            self.writing = True  # from here stop() lets the write finish rather than cut it off
         if wanted:
             log.info(f"auto-advertisement: advertising services {log.go_list(wanted)}")
         else:
@@ -459,7 +469,8 @@ class Services:
             self.certs.self_changed()
 
     def stop(self) -> None:
-        """End the loops; a certificate call in progress is cut off, an advertisement finishes (bounded)."""
+        """End the loops; a certificate call or serve-config read in progress is cut off, a prefs write
+        finishes (bounded by its timeout)."""
         if self.certs is not None:
             self.certs.stop()
             self._cert_calls.abort()
@@ -498,7 +509,8 @@ class Services:
         left = until - time.monotonic()
         if left <= 0:
             return
-        log.info(f"waiting {duration(left)} for control to move the unadvertised services to another node")
+        shown = duration(round(left) if left >= 1 else left)
+        log.info(f"waiting {shown} for control to move the unadvertised services to another node")
         if self._cut.wait(left):
             log.info("stopped waiting for the services' failover: asked to stop again")
 
