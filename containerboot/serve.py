@@ -29,6 +29,16 @@ def wants_https(cfg: dict[str, Any]) -> bool:
     return any(isinstance(h, dict) and h.get("HTTPS") for h in (cfg.get("TCP") or {}).values())
 
 
+def handler_count(cfg: Mapping[str, Any]) -> int:
+    """TCP ports and web handlers, the node's own and its Tailscale Services' (an HA Ingress has only those)."""
+    def count(part: Mapping[str, Any]) -> int:
+        web = part.get("Web") or {}
+        handlers = sum(len(w.get("Handlers") or {}) for w in web.values() if isinstance(w, dict))
+        return len(part.get("TCP") or {}) + handlers
+    services = cfg.get("Services") or {}
+    return count(cfg) + sum(count(svc) for svc in services.values() if isinstance(svc, dict))
+
+
 class ServeWatcher:
     """Re-reads the file when it or the cert domain changes; applies only what differs."""
 
@@ -79,9 +89,7 @@ class ServeWatcher:
         log.info("serve proxy: applying serve config")
         self.api.json("POST", "/localapi/v0/serve-config", cfg)
         self._applied = cfg
-        handlers = len(cfg.get("TCP") or {}) + sum(len(w.get("Handlers") or {}) for w in (cfg.get("Web") or {}).values()
-                                                   if isinstance(w, dict))
-        log.info(f'serve proxy: serving "{self.path}": {handlers} handlers')
+        log.info(f'serve proxy: serving "{self.path}": {handler_count(cfg)} handlers')
         if self.on_change is not None:
             self.on_change(cfg)
         return True

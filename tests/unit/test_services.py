@@ -423,6 +423,14 @@ def test_interrupt_ends_the_failover_wait(standin: StandIn) -> None:
     assert time.monotonic() < until - 10
 
 
+def test_handler_count_includes_services() -> None:
+    from containerboot.serve import handler_count
+
+    # node: TCP 443 + one web handler; svc:web: two ports, two web handlers; svc:api and svc:plain: a port each
+    assert handler_count(HA_INGRESS) == 2 + 4 + 1 + 1
+    assert handler_count({"Services": {"svc:x": None}, "Web": {"h:443": None}}) == 0
+
+
 def test_serve_watcher_hands_each_handled_config_on(standin: StandIn, tmp_path: Path) -> None:
     seen: list[Any] = []
     path = tmp_path / "serve.json"
