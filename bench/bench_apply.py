@@ -65,20 +65,22 @@ def port_nft_text(plan: Plan) -> str:
     from firewall.nftables import map_sizes
 
     sizes = map_sizes(plan)
-    ports = sorted((r for r in plan.rules if isinstance(r, PortMap)), key=lambda r: (r.proto, r.port))
-    addrs = ", ".join(f"{r.proto} . {r.port} : {r.to}" for r in ports)
-    to_ports = ", ".join(f"{r.proto} . {r.port} : {r.to_port}" for r in ports)
-    key = "inet_proto . inet_service"
+    maps, lookups = "", ""
+    for proto in ("tcp", "udp"):
+        ports = sorted((r for r in plan.rules if isinstance(r, PortMap) and r.proto == proto), key=lambda r: r.port)
+        if not ports:
+            continue
+        addr, port = f"portmap_{proto}_addr", f"portmap_{proto}_port"
+        addrs = ", ".join(f"{r.port} : {r.to}" for r in ports)
+        to_ports = ", ".join(f"{r.port} : {r.to_port}" for r in ports)
+        maps += (f"  map {addr} {{ type inet_service : ipv4_addr; size {sizes[addr]}; elements = {{ {addrs} }} }}\n"
+                 f"  map {port} {{ type inet_service : inet_service; size {sizes[port]}; "
+                 f"elements = {{ {to_ports} }} }}\n")
+        lookups += f'    iifname != "tailscale0" dnat to {proto} dport map @{addr} : {proto} dport map @{port}\n'
     return ("table ip containerboot {\n"
-            f"  map ingress {{ type ipv4_addr : ipv4_addr; size {sizes['ingress']}; }}\n"
-            f"  map portmap_addr {{ type {key} : ipv4_addr; size {sizes['portmap_addr']}; "
-            f"elements = {{ {addrs} }} }}\n"
-            f"  map portmap_port {{ type {key} : inet_service; size {sizes['portmap_port']}; "
-            f"elements = {{ {to_ports} }} }}\n"
+            f"  map ingress {{ type ipv4_addr : ipv4_addr; size {sizes['ingress']}; }}\n{maps}"
             "  chain prerouting { type nat hook prerouting priority dstnat; policy accept;\n"
-            "    dnat to ip daddr map @ingress\n"
-            '    iifname != "tailscale0" dnat to meta l4proto . th dport map @portmap_addr : '
-            "meta l4proto . th dport map @portmap_port\n  }\n"
+            f"    dnat to ip daddr map @ingress\n{lookups}  }}\n"
             "  chain postrouting { type nat hook postrouting priority srcnat; policy accept; }\n"
             "  chain forward { type filter hook forward priority mangle; policy accept; }\n}\n")
 

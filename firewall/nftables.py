@@ -2,9 +2,9 @@
 
 Layout of `table ip|ip6 containerboot`:
   map ingress        daddr -> new daddr, one element per single-target ingress mapping
-  map portmap_addr   l4proto . dport -> new daddr  } one element each per egress service port (PortMap),
-  map portmap_port   l4proto . dport -> new dport  } only while there are any (for another interface
-                                                     than tailscale0: portmap_<hex of its name>_addr/_port)
+  map portmap_tcp_addr  tcp dport -> new daddr  } one element each per egress service port (PortMap), only
+  map portmap_tcp_port  tcp dport -> new dport  } while there are any; the same for udp (for another
+                                                  interface than tailscale0: portmap_<hex of its name>_tcp_addr...)
   chain prerouting   nat, dstnat:  map lookup, round-robin DNATs, egress DNAT, port map lookups
   chain postrouting  nat, srcnat:  SNATs
   chain forward      filter, mangle priority: MSS clamp both ways on the tunnel
@@ -176,41 +176,48 @@ def lookup_expr(fam: int) -> list[Json]:
     return [{"dnat": {"addr": {"map": {"key": _payload(fam, "daddr"), "data": "@" + MAP}}}}]
 
 
-# Egress services (PortMap): the new address and the new port come from two maps with the same key, because
-# nft 1.0.6 cannot declare a map whose data is a concatenation (ipv4_addr . inet_service) in JSON: a list
-# makes a set, a string is "Invalid map type". Both maps change in the same transaction.
-PORTMAP_KEY = ["inet_proto", "inet_service"]
-_TH_KEY: Json = {"concat": [{"meta": {"key": "l4proto"}}, {"payload": {"protocol": "th", "field": "dport"}}]}
+# Egress services (PortMap): per interface and protocol, the new address and the new port come from two maps
+# keyed by the destination port. Two maps, because nft 1.0.6 cannot declare a map whose data is a
+# concatenation (ipv4_addr . inet_service) in JSON: a list makes a set, a string is "Invalid map type". Keyed
+# by port alone (a map per protocol), not by `meta l4proto . th dport`: nft lists 10,000 plain elements in a
+# third of the time it takes for concatenated ones (about 40 ms a map, not 120), and the drift check lists them.
+# Both maps change in the same transaction.
+Group = tuple[str, str]  # (interface, protocol): the PortMaps of one pair of maps
 
 
-def portmap_maps(iface: str) -> tuple[str, str]:
-    """The names of the address and the port map of the PortMaps not from `iface` (a name as hex, so that
-    any interface name makes a valid set name)."""
+def portmap_maps(iface: str, proto: str) -> tuple[str, str]:
+    """The names of the address and the port map of the PortMaps of `proto` not from `iface` (a name as hex,
+    so that any interface name makes a valid set name)."""
     base = "portmap" if iface == TUN else f"portmap_{iface.encode().hex()}"
-    return base + "_addr", base + "_port"
+    return f"{base}_{proto}_addr", f"{base}_{proto}_port"
 
 
-def portmap_iface(name: str) -> str | None:
-    """The interface of a port map's name, the inverse of portmap_maps (None: not a port map's name)."""
-    if name in ("portmap_addr", "portmap_port"):
-        return TUN
+def portmap_group(name: str) -> tuple[Group, bool] | None:
+    """The group of a port map's name and whether it is the port map, the inverse of portmap_maps (None: not
+    a port map's name)."""
     parts = name.split("_")
-    if len(parts) == 3 and parts[0] == "portmap" and parts[2] in ("addr", "port"):
+    if parts[0] != "portmap" or len(parts) not in (3, 4) or parts[-2] not in ("tcp", "udp") \
+            or parts[-1] not in ("addr", "port"):
+        return None
+    iface = TUN
+    if len(parts) == 4:
         try:
             iface = bytes.fromhex(parts[1]).decode()
         except ValueError:
             return None
-        return iface if portmap_maps(iface)[parts[2] == "port"] == name else None
-    return None
+    is_port = parts[-1] == "port"
+    return ((iface, parts[-2]), is_port) if portmap_maps(iface, parts[-2])[is_port] == name else None
 
 
-def portmap_expr(iface: str) -> list[Json]:
-    """Not from `iface`: DNAT to the address and port both maps hold for the packet's protocol and port
-    (a packet whose key is in neither map goes on unchanged). As nft lists it: no "family" in the dnat."""
-    addr, port = portmap_maps(iface)
+def portmap_expr(iface: str, proto: str) -> list[Json]:
+    """Not from `iface`: DNAT to the address and port both maps hold for the packet's destination port (a
+    packet whose port is in neither map goes on unchanged). As nft lists it: `tcp dport` (nft adds and hides
+    the `meta l4proto tcp` it implies), no "family" in the dnat."""
+    addr, port = portmap_maps(iface, proto)
+    key = {"payload": {"protocol": proto, "field": "dport"}}
     return [_match(_meta("iifname"), iface, "!="),
-            {"dnat": {"addr": {"map": {"key": _TH_KEY, "data": "@" + addr}},
-                      "port": {"map": {"key": _TH_KEY, "data": "@" + port}}}}]
+            {"dnat": {"addr": {"map": {"key": key, "data": "@" + addr}},
+                      "port": {"map": {"key": key, "data": "@" + port}}}}]
 
 
 def clamp_expr(direction: str, iface: str) -> list[Json]:
@@ -250,19 +257,19 @@ def _rest(rules: Iterable[Rule]) -> frozenset[Rule]:
     return frozenset(r for r in rules if not _is_mapped(r))
 
 
-def _port_groups(rules: Iterable[Rule]) -> dict[str, list[PortMap]]:
-    """The PortMaps by the interface they are not from (one pair of maps each)."""
-    groups: dict[str, list[PortMap]] = {}
+def _port_groups(rules: Iterable[Rule]) -> dict[Group, list[PortMap]]:
+    """The PortMaps by the interface they are not from and their protocol (one pair of maps each)."""
+    groups: dict[Group, list[PortMap]] = {}
     for r in rules:
         if type(r) is PortMap:
-            groups.setdefault(r.iface, []).append(r)
+            groups.setdefault((r.iface, r.proto), []).append(r)
     return groups
 
 
-_groups_seen: list[tuple[Plan, dict[str, list[PortMap]]]] = []  # the last few plans' groups (read only)
+_groups_seen: list[tuple[Plan, dict[Group, list[PortMap]]]] = []  # the last few plans' groups (read only)
 
 
-def _plan_groups(plan: Plan) -> dict[str, list[PortMap]]:
+def _plan_groups(plan: Plan) -> dict[Group, list[PortMap]]:
     """_port_groups of a plan's rules, remembered for the last few plans: one apply asks it of the same two
     plans five times (2 ms each at 10,000 rules)."""
     for seen, groups in _groups_seen:
@@ -274,30 +281,25 @@ def _plan_groups(plan: Plan) -> dict[str, list[PortMap]]:
     return groups
 
 
-def _port_order(r: PortMap) -> tuple[str, int]:
-    return r.proto, r.port
-
-
-def _port_key(r: PortMap) -> str:
-    return f'{{"concat":["{r.proto}",{r.port}]}}'
+def _port_order(r: PortMap) -> int:
+    return r.port
 
 
 def _port_elements(fam: int, rules: list[PortMap]) -> tuple[Raw, Raw]:
     """The elements of the address map and of the port map, as JSON text (10,000 of them: see _split)."""
     text = socket.inet_ntoa if fam == 4 else (lambda b: socket.inet_ntop(socket.AF_INET6, b))
-    keys = [_port_key(r) for r in rules]
-    addrs = ",".join(f'[{k},"{text(r.to.packed)}"]' for k, r in zip(keys, rules, strict=True))
-    ports = ",".join(f"[{k},{r.to_port}]" for k, r in zip(keys, rules, strict=True))
+    addrs = ",".join(f'[{r.port},"{text(r.to.packed)}"]' for r in rules)
+    ports = ",".join(f"[{r.port},{r.to_port}]" for r in rules)
     return Raw(f"[{addrs}]"), Raw(f"[{ports}]")
 
 
-def _port_map_decls(fam: int, iface: str, rules: list[PortMap], size: int) -> list[Json]:
-    """The add commands of the two maps for `rules` (all not from `iface`), their elements included."""
-    addr, port = portmap_maps(iface)
+def _port_map_decls(fam: int, group: Group, rules: list[PortMap], size: int) -> list[Json]:
+    """The add commands of the two maps for `rules` (all of `group`), their elements included."""
+    addr, port = portmap_maps(*group)
     elems = _port_elements(fam, rules) if rules else None
     out: list[Json] = []
     for name, data, i in ((addr, ADDR_TYPE[fam], 0), (port, "inet_service", 1)):
-        decl = _ref(fam, name=name, type=PORTMAP_KEY, map=data, size=size)
+        decl = _ref(fam, name=name, type="inet_service", map=data, size=size)
         if elems is not None:
             decl["elem"] = elems[i]
         out.append({"add": {"map": decl}})
@@ -306,8 +308,8 @@ def _port_map_decls(fam: int, iface: str, rules: list[PortMap], size: int) -> li
 
 def _split(fam: int, rules: Iterable[Rule]) -> tuple[Raw | None, list[Rule]]:
     """The single-target DNATs as the map's elements [key, value] in JSON text (addresses need no
-    escaping), and the other rules, in one pass: 10,000 elements cost 9.5 ms this way, 12 with a
-    pass to split and one to write them, 14 through str()."""
+    escaping), and the other rules but the PortMaps (see _port_groups), in one pass: 10,000 elements cost
+    9.5 ms this way, 12 with a pass to split and one to write them, 14 through str()."""
     pairs: list[str] = []
     rest: list[Rule] = []
     add, keep = pairs.append, rest.append
@@ -316,13 +318,13 @@ def _split(fam: int, rules: Iterable[Rule]) -> tuple[Raw | None, list[Rule]]:
         for r in rules:
             if type(r) is Dnat and len(r.to) == 1:
                 add(f'["{ntoa(r.match.packed)}","{ntoa(r.to[0].packed)}"]')
-            else:
+            elif type(r) is not PortMap:
                 keep(r)
     else:
         for r in rules:
             if type(r) is Dnat and len(r.to) == 1:
                 add(f'["{addr_text(r.match)}","{addr_text(r.to[0])}"]')
-            else:
+            elif type(r) is not PortMap:
                 keep(r)
     return (Raw("[" + ",".join(pairs) + "]") if pairs else None), rest
 
@@ -331,15 +333,15 @@ def _ref(fam: int, **kw: Any) -> Json:
     return {"family": FAMILY[fam], "table": TABLE, **kw}
 
 
-def chain_rules(fam: int, rules: list[Rule], port_ifaces: Iterable[str] = ()) -> list[Json]:
+def chain_rules(fam: int, rules: list[Rule], port_groups: Iterable[Group] = ()) -> list[Json]:
     """The chains' rules: the ingress lookup, `rules` (in chain order), then the port map lookups (PortMaps
     come after every other DNAT in the model's order, and nothing else is in prerouting)."""
     out = [{"add": {"rule": _ref(fam, chain="prerouting", expr=lookup_expr(fam))}}]
     for rule in rules:
         for chain, expr in rule_exprs(rule):
             out.append({"add": {"rule": _ref(fam, chain=chain, expr=expr)}})
-    for iface in sorted(port_ifaces):
-        out.append({"add": {"rule": _ref(fam, chain="prerouting", expr=portmap_expr(iface))}})
+    for group in sorted(port_groups):
+        out.append({"add": {"rule": _ref(fam, chain="prerouting", expr=portmap_expr(*group))}})
     return out
 
 
@@ -354,8 +356,8 @@ def map_counts(plan: Plan) -> dict[str, int]:
     (the ingress map: every rule but the PortMaps, as before there were port maps)."""
     groups = _plan_groups(plan)
     counts = {MAP: len(plan.rules) - sum(map(len, groups.values()))}
-    for iface, rules in groups.items():
-        for name in portmap_maps(iface):
+    for group, rules in groups.items():
+        for name in portmap_maps(*group):
             counts[name] = len(rules)
     return counts
 
@@ -378,16 +380,16 @@ def full_table(fam: int, plan: Plan, drop: bool = True) -> list[Json]:
     mine = plan.only(fam)
     sizes = map_sizes(mine)
     elements, rest = _split(fam, mine.rules)  # a map's elements have no order
-    groups = _port_groups(rest)
+    groups = _plan_groups(mine)
     cmap: Json = _ref(fam, name=MAP, type=ADDR_TYPE[fam], map=ADDR_TYPE[fam], size=sizes[MAP])
     if elements is not None:
         cmap["elem"] = elements
     cmds = [*(drop_table(fam) if drop else []), {"add": {"table": {"family": FAMILY[fam], "name": TABLE}}},
             {"add": {"map": cmap}}]
-    for iface, ports in groups.items():
-        cmds += _port_map_decls(fam, iface, ports, sizes[portmap_maps(iface)[0]])
+    for group, ports in groups.items():
+        cmds += _port_map_decls(fam, group, ports, sizes[portmap_maps(*group)[0]])
     cmds += [{"add": {"chain": _ref(fam, name=name, **spec)}} for name, spec in CHAINS.items()]
-    return cmds + chain_rules(fam, sorted(_rest(rest), key=rule_order), groups)
+    return cmds + chain_rules(fam, sorted(rest, key=rule_order), groups)
 
 
 def update_table(fam: int, have: Plan, want: Plan) -> list[Json]:
@@ -404,25 +406,24 @@ def update_table(fam: int, have: Plan, want: Plan) -> list[Json]:
     new = sorted((r for r in added if isinstance(r, Dnat) and _is_mapped(r)), key=lambda r: addr_key(r.match))
     if new:
         cmds.append({"add": {"element": _ref(fam, name=MAP, elem=_split(fam, new)[0])}})
-    # Port maps: elements by key in the maps that stay; maps of their own for an interface that comes or goes.
-    have_ifaces, want_ifaces = set(_plan_groups(have)), set(_plan_groups(want))
-    for iface, ports in _port_groups(gone).items():
-        if iface in want_ifaces:
-            gone_keys = Raw("[" + ",".join(_port_key(r) for r in sorted(ports, key=_port_order)) + "]")
-            cmds += [{"delete": {"element": _ref(fam, name=name, elem=gone_keys)}} for name in portmap_maps(iface)]
-    new_groups = _port_groups(added)
-    for iface, ports in new_groups.items():
-        if iface in have_ifaces:
+    # Port maps: elements by key in the maps that stay; maps of their own for a group that comes or goes.
+    have_groups, want_groups = set(_plan_groups(have)), set(_plan_groups(want))
+    for group, ports in _port_groups(gone).items():
+        if group in want_groups:
+            gone_ports = sorted(r.port for r in ports)
+            cmds += [{"delete": {"element": _ref(fam, name=name, elem=gone_ports)}} for name in portmap_maps(*group)]
+    for group, ports in _port_groups(added).items():
+        if group in have_groups:
             elems = _port_elements(fam, sorted(ports, key=_port_order))
             cmds += [{"add": {"element": _ref(fam, name=name, elem=e)}}
-                     for name, e in zip(portmap_maps(iface), elems, strict=True)]
+                     for name, e in zip(portmap_maps(*group), elems, strict=True)]
         else:
-            cmds += _port_map_decls(fam, iface, ports, map_size(len(ports)))
-    if _rest(gone) or _rest(added) or have_ifaces != want_ifaces:
+            cmds += _port_map_decls(fam, group, ports, map_size(len(ports)))
+    if _rest(gone) or _rest(added) or have_groups != want_groups:
         cmds += [{"flush": {"chain": _ref(fam, name=name)}} for name in CHAINS]
-        cmds += chain_rules(fam, sorted(_rest(want.rules), key=rule_order), want_ifaces)
-    for iface in sorted(have_ifaces - want_ifaces):  # after the flush: a rule referred to them
-        cmds += [{"delete": {"map": _ref(fam, name=name)}} for name in portmap_maps(iface)]
+        cmds += chain_rules(fam, sorted(_rest(want.rules), key=rule_order), want_groups)
+    for group in sorted(have_groups - want_groups):  # after the flush: a rule referred to them
+        cmds += [{"delete": {"map": _ref(fam, name=name)}} for name in portmap_maps(*group)]
     return cmds
 
 
@@ -523,50 +524,52 @@ def _guess(fam: int, chain: str, expr: list[Json]) -> Rule | str | None:
 class Listing:
     rules: frozenset[Rule]  # map elements count only while a prerouting rule looks them up
     lookup: bool  # the prerouting chain holds the map lookup rule
-    port_lookups: frozenset[str] = frozenset()  # interfaces whose port maps both exist and are looked up
+    port_lookups: frozenset[Group] = frozenset()  # groups whose port maps both exist and are looked up
 
 
-def _port_element(fam: int, elem: Any) -> tuple[tuple[str, int], object] | None:
-    """((protocol, port), data) of a port map element as listed, or None when it is not one of ours."""
-    if not (isinstance(elem, list) and len(elem) == 2 and isinstance(elem[0], dict)):
-        return None
-    key = elem[0].get("concat")
-    if not (isinstance(key, list) and len(key) == 2 and key[0] in ("tcp", "udp") and type(key[1]) is int):
-        return None
-    return (key[0], key[1]), elem[1]
+PortElements = dict[Group, dict[int, object]]  # group -> destination port -> the element's data as listed
 
 
-def _port_map(fam: int, body: Json, found: set[Rule],
-              addrs: dict[str, dict[tuple[str, int], object]], ports: dict[str, dict[tuple[str, int], object]]) -> bool:
-    """Collect a port map's elements by interface; False when `body` is no port map of ours."""
-    iface = portmap_iface(body.get("name", ""))
-    if iface is None:
+def _port_map(fam: int, body: Json, found: set[Rule], addrs: PortElements, ports: PortElements) -> bool:
+    """Collect a port map's elements by group; False when `body` is no port map of ours."""
+    named = portmap_group(body.get("name", ""))
+    if named is None:
         return False
-    is_port = body["name"] == portmap_maps(iface)[1]
-    if body.get("type") != PORTMAP_KEY or body.get("map") != ("inet_service" if is_port else ADDR_TYPE[fam]):
+    group, is_port = named
+    if body.get("type") != "inet_service" or body.get("map") != ("inet_service" if is_port else ADDR_TYPE[fam]):
         return False
-    into = (ports if is_port else addrs).setdefault(iface, {})
+    into = (ports if is_port else addrs).setdefault(group, {})
     for elem in body.get("elem", []):
-        parsed = _port_element(fam, elem)
-        if parsed is None:
-            found.add(Foreign(fam, f"map {body['name']} element {json.dumps(elem)}"))
+        if isinstance(elem, list) and len(elem) == 2 and type(elem[0]) is int:
+            into[elem[0]] = elem[1]
         else:
-            into[parsed[0]] = parsed[1]
+            found.add(Foreign(fam, f"map {body['name']} element {json.dumps(elem)}"))
     return True
 
 
-def _port_maps_read(fam: int, iface: str, addrs: dict[tuple[str, int], object],
-                    ports: dict[tuple[str, int], object]) -> set[Rule]:
-    """The PortMaps whose key both maps hold with valid data; Foreign for anything else in them."""
+def _port_maps_read(fam: int, group: Group, addrs: dict[int, object], ports: dict[int, object]) -> set[Rule]:
+    """The PortMaps whose port both maps hold with valid data; Foreign for anything else in them."""
     out: set[Rule] = set()
+    iface, proto = group
     for key in addrs.keys() | ports.keys():
         to, port = _addr(addrs.get(key)), ports.get(key)
-        if to is not None and to.version == fam and type(port) is int and 0 < port < 65536:
-            out.add(PortMap(key[0], key[1], to, port, iface))
+        if to is not None and to.version == fam and type(port) is int and 0 < port < 65536 and 0 < key < 65536:
+            out.add(PortMap(proto, key, to, port, iface))
         else:
-            out.add(Foreign(fam, f"port maps for {iface}, {key[0]}/{key[1]}: address {json.dumps(addrs.get(key))}, "
-                                 f"port {json.dumps(port)}"))
+            out.add(Foreign(fam, f"port maps for {proto} not from {iface}, port {key}: address "
+                                 f"{json.dumps(addrs.get(key))}, port {json.dumps(port)}"))
     return out
+
+
+def _port_lookup(expr: list[Json]) -> Group | None:
+    """The group whose port maps `expr` looks up, when it is exactly such a rule."""
+    try:
+        iface, proto = expr[0]["match"]["right"], expr[1]["dnat"]["addr"]["map"]["key"]["payload"]["protocol"]
+    except (KeyError, TypeError, IndexError):
+        return None
+    if isinstance(iface, str) and proto in ("tcp", "udp") and expr == portmap_expr(iface, proto):
+        return iface, proto
+    return None
 
 
 def parse_table(fam: int, objects: list[Json]) -> Listing:
@@ -575,9 +578,9 @@ def parse_table(fam: int, objects: list[Json]) -> Listing:
     elements: list[Dnat] = []
     lookup = False
     clamp_halves: set[str] = set()
-    addrs: dict[str, dict[tuple[str, int], object]] = {}  # interface -> port map elements
-    ports: dict[str, dict[tuple[str, int], object]] = {}
-    port_rules: list[str] = []  # interfaces of the port map lookup rules
+    addrs: PortElements = {}
+    ports: PortElements = {}
+    port_rules: list[Group] = []  # the groups of the port map lookup rules
     for obj in objects:
         kind, body = next(iter(obj.items()))
         if kind == "table":
@@ -602,9 +605,9 @@ def parse_table(fam: int, objects: list[Json]) -> Listing:
             found.add(Foreign(fam, f"{kind} {body.get('name', '')}".strip()))
             continue
         chain, expr = body.get("chain", ""), body.get("expr", [])
-        iface = expr[0].get("match", {}).get("right") if expr and isinstance(expr[0], dict) else None
-        if chain == "prerouting" and isinstance(iface, str) and expr == portmap_expr(iface):
-            port_rules.append(iface)
+        group = _port_lookup(expr) if chain == "prerouting" else None
+        if group is not None:
+            port_rules.append(group)
             continue
         guess = _guess(fam, chain, expr)
         if guess == "lookup" and expr == lookup_expr(fam):
@@ -628,16 +631,16 @@ def parse_table(fam: int, objects: list[Json]) -> Listing:
     if lookup:
         found.update(elements)
     # A port map pair counts while one rule looks it up; a lookup of a missing map cannot exist (nft refuses it).
-    looked_up = set()
-    for iface in port_rules:
-        if iface in looked_up or iface not in addrs or iface not in ports:
-            what = "a second lookup of" if iface in looked_up else "a lookup of unexpected"
-            found.add(Foreign(fam, f"prerouting: {what} port maps for {iface}"))
+    looked_up: set[Group] = set()
+    for group in port_rules:
+        if group in looked_up or group not in addrs or group not in ports:
+            what = "a second lookup of" if group in looked_up else "a lookup of unexpected"
+            found.add(Foreign(fam, f"prerouting: {what} port maps for {group[1]} not from {group[0]}"))
             continue
-        looked_up.add(iface)
-        found.update(_port_maps_read(fam, iface, addrs[iface], ports[iface]))
-    for iface in (addrs.keys() | ports.keys()) - looked_up:
-        found.add(Foreign(fam, f"port maps for {iface} that no rule looks up"))
+        looked_up.add(group)
+        found.update(_port_maps_read(fam, group, addrs[group], ports[group]))
+    for group in (addrs.keys() | ports.keys()) - looked_up:
+        found.add(Foreign(fam, f"port maps for {group[1]} not from {group[0]} that no rule looks up"))
     return Listing(frozenset(found), lookup, frozenset(looked_up))
 
 

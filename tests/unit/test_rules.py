@@ -183,23 +183,22 @@ def test_nftables_small_update_touches_only_the_changed_mapping() -> None:
 
 
 def test_nftables_portmap_update_is_one_element_per_map() -> None:
-    """A PortMap that moves is one element deleted and added in each of the two maps; removing the last
-    PortMap of an interface removes its maps (after the chains no longer look them up)."""
+    """A PortMap that moves is one element deleted and added in each of its two maps; removing the last
+    PortMap of an interface and protocol removes its maps (after the chains no longer look them up)."""
     old = Plan.of(*(PortMap("tcp" if i % 2 else "udp", 1000 + i, a(f"10.0.{i // 250}.{i % 250 + 1}"), 80)
                     for i in range(1000)))
     moved = PortMap("udp", 1000, a("10.9.9.9"), 8053)
     new = Plan(frozenset({*(r for r in old.rules if r.port != 1000), moved}))  # type: ignore[union-attr]
     ref = {"family": "ip", "table": "containerboot"}
-    key = {"concat": ["udp", 1000]}
     assert as_json(nftables.update_table(4, old, new)) == [
-        {"delete": {"element": {**ref, "name": "portmap_addr", "elem": [key]}}},
-        {"delete": {"element": {**ref, "name": "portmap_port", "elem": [key]}}},
-        {"add": {"element": {**ref, "name": "portmap_addr", "elem": [[key, "10.9.9.9"]]}}},
-        {"add": {"element": {**ref, "name": "portmap_port", "elem": [[key, 8053]]}}},
+        {"delete": {"element": {**ref, "name": "portmap_udp_addr", "elem": [1000]}}},
+        {"delete": {"element": {**ref, "name": "portmap_udp_port", "elem": [1000]}}},
+        {"add": {"element": {**ref, "name": "portmap_udp_addr", "elem": [[1000, "10.9.9.9"]]}}},
+        {"add": {"element": {**ref, "name": "portmap_udp_port", "elem": [[1000, 8053]]}}},
     ]
     last = as_json(nftables.update_table(4, Plan.of(moved), Plan()))
     assert [next(iter(c)) for c in last][-2:] == ["delete", "delete"]
-    assert [c["delete"]["map"]["name"] for c in last[-2:]] == ["portmap_addr", "portmap_port"]
+    assert [c["delete"]["map"]["name"] for c in last[-2:]] == ["portmap_udp_addr", "portmap_udp_port"]
 
 
 def test_portmap_renderings_match_upstream_shapes() -> None:
@@ -208,11 +207,14 @@ def test_portmap_renderings_match_upstream_shapes() -> None:
         "-A CONTAINERBOOT-PREROUTING ! -i tailscale0 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.5:8080"]
     assert [str(s) for s in iptables.render(plan, 6)] == [
         "-A CONTAINERBOOT-PREROUTING ! -i tailscale0 -p udp -m udp --dport 53 -j DNAT --to-destination [fd00::5]:5353"]
-    assert nftables.portmap_maps("tailscale0") == ("portmap_addr", "portmap_port")
+    assert nftables.portmap_maps("tailscale0", "tcp") == ("portmap_tcp_addr", "portmap_tcp_port")
     for iface in ("tailscale0", "eth0.100", "a_b"):
-        for name in nftables.portmap_maps(iface):
-            assert nftables.portmap_iface(name) == iface
-    assert nftables.portmap_iface("portmap_zz_addr") is None and nftables.portmap_iface("ingress") is None
+        for proto in ("tcp", "udp"):
+            addr, port = nftables.portmap_maps(iface, proto)
+            assert nftables.portmap_group(addr) == ((iface, proto), False)
+            assert nftables.portmap_group(port) == ((iface, proto), True)
+    for name in ("portmap_zz_tcp_addr", "portmap_sctp_addr", "portmap_tcp", "ingress", "portmap_74_tcp_addr_x"):
+        assert nftables.portmap_group(name) is None
 
 
 def test_portmap_entries_are_encode() -> None:
@@ -242,13 +244,14 @@ def test_nftables_port_maps_read_back_strictly() -> None:
     plan = Plan.of(PortMap("tcp", 80, a("10.0.0.5"), 8080), PortMap("udp", 53, a("10.0.0.6"), 53))
     objs = listed(nftables.full_table(4, plan))
     assert nftables.parse_table(4, objs).rules == plan.rules
-    addr_map = next(o["map"] for o in objs if o.get("map", {}).get("name") == "portmap_addr")
-    addr_map["elem"] = [e for e in addr_map["elem"] if e[0]["concat"][1] != 53]
+    addr_map = next(o["map"] for o in objs if o.get("map", {}).get("name") == "portmap_udp_addr")
+    addr_map["elem"] = []
     got = nftables.parse_table(4, objs).rules
     assert PortMap("tcp", 80, a("10.0.0.5"), 8080) in got and any(isinstance(r, Foreign) for r in got)
     unused = [o for o in listed(nftables.full_table(4, plan))
-              if not ("rule" in o and o["rule"]["expr"] == nftables.portmap_expr("tailscale0"))]
-    assert all(isinstance(r, Foreign) for r in nftables.parse_table(4, unused).rules)
+              if not ("rule" in o and o["rule"]["expr"] == nftables.portmap_expr("tailscale0", "tcp"))]
+    got = nftables.parse_table(4, unused).rules
+    assert PortMap("udp", 53, a("10.0.0.6"), 53) in got and any(isinstance(r, Foreign) for r in got)
 
 
 # ---- proxy plans ------------------------------------------------------------------------------------
