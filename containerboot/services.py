@@ -37,6 +37,7 @@ NETMAP_REFRESH_MIN = 5.0  # netmaps come in bursts; the serve watcher's own chan
 ADVERTISE_RETRY = (1.0, 60.0)  # backoff of a failed advertisement: first, most
 JOIN_TIMEOUT = 1.0
 
+_DNS_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._*")
 _TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.EPIPE}
 
 
@@ -69,12 +70,14 @@ def cert_domains(cfg: Mapping[str, Any] | None) -> frozenset[str]:
             continue
         for host_port in svc.get("Web") or {}:
             host, sep, port = str(host_port).rpartition(":")
-            if sep and port == "443" and host:
-                out.add(host.strip("[]"))
+            if sep and port == "443":
+                out.add(host)
         for handler in (svc.get("TCP") or {}).values():
             if isinstance(handler, dict) and handler.get("TerminateTLS"):
                 out.add(str(handler["TerminateTLS"]))
-    return frozenset(out)
+    # Only DNS names go into the cert endpoint's path: anything else (an address, a stray space or slash)
+    # could never get a certificate, and would not be one path segment.
+    return frozenset(d for d in out if d and set(d) <= _DNS_CHARS)
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,10 @@ def test_cert_domains_are_the_services_https_names() -> None:
     assert services.cert_domains({}) == frozenset()
     assert services.cert_domains(None) == frozenset()
     assert services.cert_domains({"Services": {"svc:x": None, "svc:y": {"Web": None, "TCP": None}}}) == frozenset()
-    assert services.cert_domains({"Services": {"svc:v6": {"Web": {"[fd7a::1]:443": {}}}}}) == {"fd7a::1"}
+    # Not DNS names: never a certificate, and never into the endpoint's path.
+    assert services.cert_domains({"Services": {"svc:v6": {"Web": {"[fd7a::1]:443": {}, "a b:443": {},
+                                                                   "x/../y:443": {}, ":443": {}}},
+                                               "svc:q": {"TCP": {"443": {"TerminateTLS": "a?b"}}}}}) == frozenset()
 
 
 def test_service_names_sorted() -> None:
