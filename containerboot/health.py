@@ -14,16 +14,14 @@ socket and a few hundred bytes, never a thread:
   the request gets 503 instead of a queue without end;
 - running out of file descriptors (EMFILE) closes the connection that cannot be served and
   pauses accepting for a moment; it never ends the program.
-Each request is answered by the same BaseHTTPRequestHandler as before (same statuses, headers
-and bodies), one request per connection (HTTP/1.0, as before).
+Requests are parsed and answered by containerboot/http1.py (HTTP/1.0, one request per connection):
+http.server would bring http.client, email and ssl, about 5 MiB resident in every pod.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
-import http.client
-import io
 import os
 import queue
 import re
@@ -33,10 +31,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from containerboot import log
+from containerboot import http1, log
 from containerboot.localapi import LocalAPI, LocalAPIError
 from containerboot.settings import Settings, parse_addr_port
 
@@ -81,66 +78,50 @@ class Health:
 Preshutdown = Callable[[], tuple[int, bytes]]
 
 
+Handler = Callable[[http1.Request], bytes]
+
+
 def _handler(health: Health | None, metrics: LocalAPI | None, debug: str,
-             preshutdown: Preshutdown | None = None) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
+             preshutdown: Preshutdown | None = None) -> Handler:
+    def handle(req: http1.Request) -> bytes:
+        def send(status: int, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+            return http1.response(status, body, headers, head_only=req.method == "HEAD")
 
-        def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-            self.send_response(status)
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body)))
-            if "Content-Type" not in (headers or {}):
-                self.send_header("Content-Type", "text/plain; charset=utf-8")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
+        path = req.path
+        if path.startswith("/debug/") and metrics is not None:
+            return send(*_debug(req, debug))
+        known = {"/healthz": health is not None, "/metrics": metrics is not None,
+                 PRESHUTDOWN_PATH: preshutdown is not None}
+        if not known.get(path):
+            return send(404, b"404 page not found\n")
+        if req.method not in ("GET", "HEAD"):
+            return send(405, b"Method Not Allowed\n")
+        if path == PRESHUTDOWN_PATH and preshutdown is not None:
+            return send(*preshutdown())  # on a worker thread: it waits for cluster traffic to stop
+        if path == "/healthz" and health is not None:
+            return send(200, b"ok", health.headers) if health.healthy else send(503, NO_IPS)
+        assert metrics is not None
+        try:
+            status, headers, body = metrics.request("GET", "/localapi/v0/usermetrics", timeout=10)
+        except LocalAPIError as exc:
+            return send(500, f"failed to proxy request: {exc}\n".encode())
+        hop = {"content-length", "transfer-encoding", "connection", "date"}
+        return send(status, body, {k: v for k, v in headers.items() if k.lower() not in hop})
 
-        def _route(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path.startswith("/debug/") and metrics is not None:
-                return self._debug()
-            known = {"/healthz": health is not None, "/metrics": metrics is not None,
-                     PRESHUTDOWN_PATH: preshutdown is not None}
-            if not known.get(path):
-                return self._send(404, b"404 page not found\n")
-            if self.command not in ("GET", "HEAD"):
-                return self._send(405, b"Method Not Allowed\n")
-            if path == PRESHUTDOWN_PATH and preshutdown is not None:
-                status, body = preshutdown()  # on a worker thread: it waits for cluster traffic to stop
-                return self._send(status, body)
-            if path == "/healthz" and health is not None:
-                if health.healthy:
-                    return self._send(200, b"ok", health.headers)
-                return self._send(503, NO_IPS)
-            assert metrics is not None
-            try:
-                status, headers, body = metrics.request("GET", "/localapi/v0/usermetrics", timeout=10)
-            except LocalAPIError as exc:
-                return self._send(500, f"failed to proxy request: {exc}\n".encode())
-            headers.pop("Content-Length", None)
-            headers.pop("Transfer-Encoding", None)
-            self._send(status, body, headers)
+    return handle
 
-        def _debug(self) -> None:
-            if not debug:
-                return self._send(404, b"debug endpoint not configured\n")
-            import urllib.request  # only with TS_DEBUG_ADDR_PORT: it brings ssl and email (about 4 MiB)
 
-            length = int(self.headers.get("Content-Length") or 0)
-            req = urllib.request.Request(f"http://{debug}{self.path}", method=self.command,
-                                         data=self.rfile.read(length) if length else None)
-            try:
-                with urllib.request.urlopen(req, timeout=30) as resp:
-                    self._send(resp.status, resp.read(), {"Content-Type": resp.headers.get("Content-Type", "")})
-            except OSError as exc:
-                self._send(502, f"failed to proxy request: {exc}\n".encode())
+def _debug(req: http1.Request, debug: str) -> tuple[int, bytes, dict[str, str]]:
+    if not debug:
+        return 404, b"debug endpoint not configured\n", {}
+    import urllib.request  # only with TS_DEBUG_ADDR_PORT: it brings ssl and email (about 4 MiB)
 
-        do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = _route  # noqa: N815
-
-    return Handler
+    forward = urllib.request.Request(f"http://{debug}{req.target}", method=req.method, data=req.body or None)
+    try:
+        with urllib.request.urlopen(forward, timeout=30) as resp:
+            return resp.status, resp.read(), {"Content-Type": resp.headers.get("Content-Type", "")}
+    except OSError as exc:
+        return 502, f"failed to proxy request: {exc}\n".encode(), {}
 
 
 def _plain(status: int, reason: str, body: str) -> bytes:
@@ -230,7 +211,7 @@ class Server:
 
     The interface boot.py uses: `server_address`, `shutdown()`, `server_close()`."""
 
-    def __init__(self, address: tuple[str, int], family: int, handler: type[BaseHTTPRequestHandler],
+    def __init__(self, address: tuple[str, int], family: int, handler: Handler,
                  slow: Callable[[str], bool], max_connections: int | None = None, name: str = "http") -> None:
         self._handler = handler
         self._slow = slow
@@ -521,18 +502,12 @@ class Server:
 
     def _answer(self, request: bytes, addr: Any) -> bytes:
         """The handler's whole answer to one request, made in memory."""
-        h = self._handler.__new__(self._handler)
-        h.rfile = io.BytesIO(request)
-        h.wfile = io.BytesIO()
-        h.client_address = addr
-        h.server = self  # type: ignore[assignment]
-        h.request = None
-        h.close_connection = True
         try:
-            h.handle_one_request()
-        except Exception:  # noqa: BLE001 - a malformed request or a handler bug: a 500, not a dead server
+            return self._handler(http1.parse_request(request))
+        except http1.BadRequest as exc:
+            return http1.response(exc.status, f"{exc}\n".encode())
+        except Exception:  # noqa: BLE001 - a handler bug: a 500, not a dead server
             return BROKEN
-        return h.wfile.getvalue() or BROKEN
 
     def _note(self, key: str, message: str) -> None:
         now = time.monotonic()
@@ -592,6 +567,7 @@ def check(s: Settings) -> int:
     tailscaled directly (Running with a tailnet address), so it works with no endpoint enabled."""
     url = health_url(s)
     if url:
+        import http.client  # the healthcheck command only; urllib.request imports it anyway
         import urllib.request
 
         try:
