@@ -493,6 +493,17 @@ def _addr(value: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+def _fam_addr(fam: int, value: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address of family `fam` as nft lists it (None: anything else), for map elements, of which there are
+    thousands: through inet_pton, 2 µs instead of the 12 that parsing the text in ipaddress costs."""
+    try:
+        if fam == 4:
+            return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, value))
+        return ipaddress.IPv6Address(socket.inet_pton(socket.AF_INET6, value))
+    except (OSError, TypeError, ValueError):
+        return None
+
+
 def _guess(fam: int, chain: str, expr: list[Json]) -> Rule | str | None:
     """The rule `expr` would render from, judged by its last statement; the caller checks by rendering."""
     try:
@@ -552,8 +563,8 @@ def _port_maps_read(fam: int, group: Group, addrs: dict[int, object], ports: dic
     out: set[Rule] = set()
     iface, proto = group
     for key in addrs.keys() | ports.keys():
-        to, port = _addr(addrs.get(key)), ports.get(key)
-        if to is not None and to.version == fam and type(port) is int and 0 < port < 65536 and 0 < key < 65536:
+        to, port = _fam_addr(fam, addrs.get(key)), ports.get(key)
+        if to is not None and type(port) is int and 0 < port < 65536 and 0 < key < 65536:
             out.add(PortMap(proto, key, to, port, iface))
         else:
             out.add(Foreign(fam, f"port maps for {proto} not from {iface}, port {key}: address "
@@ -588,8 +599,8 @@ def parse_table(fam: int, objects: list[Json]) -> Listing:
         if kind == "map" and body.get("name") == MAP and body.get("type") == ADDR_TYPE[fam] \
                 and body.get("map") == ADDR_TYPE[fam]:
             for elem in body.get("elem", []):
-                k, v = (_addr(x) for x in elem) if isinstance(elem, list) and len(elem) == 2 else (None, None)
-                if k and v and k.version == v.version == fam:
+                k, v = (_fam_addr(fam, x) for x in elem) if isinstance(elem, list) and len(elem) == 2 else (None, None)
+                if k and v:
                     elements.append(Dnat(k, (v,)))
                 else:
                     found.add(Foreign(fam, f"map {MAP} element {json.dumps(elem)}"))
