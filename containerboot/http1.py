@@ -43,6 +43,9 @@ class Response:
             raise HTTPError(f"more than {MAX_HEADERS} header lines")
         lowered = {k.lower(): v for k, v in self.headers.items()}
         self._chunked = "chunked" in lowered.get("transfer-encoding", "").lower()
+        # Whether the server ends the connection after this answer (a kept-alive client must reconnect).
+        self.will_close = ("close" in lowered.get("connection", "").lower() or parts[0] == b"HTTP/1.0"
+                           or (not self._chunked and "content-length" not in lowered))
         self._left: int | None = None  # bytes left of the body (Content-Length) or of the current chunk
         self._done = method == "HEAD" or self.status in (204, 304) or 100 <= self.status < 200
         if not self._chunked and not self._done and "content-length" in lowered:
@@ -95,12 +98,12 @@ class Response:
                 self._done = True
         return data
 
-    def read(self) -> bytes:
+    def read(self, limit: int = MAX_BODY) -> bytes:
         out = bytearray()
         while chunk := self.read1(1 << 20):
             out += chunk
-            if len(out) > MAX_BODY:
-                raise HTTPError(f"response body larger than {MAX_BODY >> 20} MiB")
+            if len(out) > limit:
+                raise HTTPError(f"response body larger than {limit >> 10} KiB")
         return bytes(out)
 
     def close(self) -> None:
@@ -108,9 +111,11 @@ class Response:
 
 
 def request(sock: socket.socket, method: str, path: str, host: str, headers: dict[str, str] | None = None,
-            body: bytes | None = None) -> Response:
-    """Send one request on a connected socket and read the response's head."""
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Connection: close"]
+            body: bytes | None = None, keep_alive: bool = False) -> Response:
+    """Send one request on a connected socket and read the response's head. With `keep_alive` the
+    connection may carry the next request once this response's body has been read whole (unless the
+    response `will_close`)."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"] + ([] if keep_alive else ["Connection: close"])
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     if body is not None or method in ("POST", "PUT", "PATCH"):
         lines.append(f"Content-Length: {len(body or b'')}")

@@ -8,7 +8,8 @@ functions here (`reset_patch`, `clear_reissue_patch`, `consistent`), the HTTP ca
 
 Why not a client library: measured on this project's machine (Python 3.11, same venv), importing
 `lightkube` costs 23 MiB of RSS and ~0.5 s, the official `kubernetes` client 35 MiB and ~1 s, while
-`ssl` + `http.client` cost 11 MiB and ~0.15 s, and the proxy needs six calls.
+`ssl` + `http.client` cost 11 MiB and ~0.15 s, and the proxy needs six calls. (http.client itself is
+not used either: containerboot/http1.py over an ssl socket spares its email package.)
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
-import http.client
 import ipaddress
 import json
 import os
@@ -27,6 +27,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from containerboot import http1
 from containerboot.settings import CAPABILITY_VERSION, Settings
 from firewall.model import IPAddress
 
@@ -172,7 +173,7 @@ class Client:
         self._token = ""
         self._token_read = 0.0
         self.deadline: float | None = None  # while set (the boot deadline), no call runs past it
-        self._conn: http.client.HTTPSConnection | None = None  # (http.client imports no ssl until used)
+        self._conn: socket.socket | None = None  # the kept-alive TLS connection
         self._lock = threading.Lock()  # the serve watcher and the main loop may share the client
 
     def _read(self, name: str) -> bytes:
@@ -194,15 +195,23 @@ class Client:
             self._token_read = time.monotonic()
         return self._token
 
-    def _connection(self) -> http.client.HTTPSConnection:
+    @property
+    def _host_header(self) -> str:
+        try:
+            v6 = ipaddress.ip_address(self.host).version == 6
+        except ValueError:
+            v6 = False
+        return f"[{self.host}]:{self.port}" if v6 else f"{self.host}:{self.port}"
+
+    def _connection(self, timeout: float) -> socket.socket:
         if self._conn is None:
-            host = self.host
+            raw = socket.create_connection((self.host, self.port), timeout=timeout)
             try:
-                if ipaddress.ip_address(host).version == 6:
-                    host = f"[{host}]"  # http.client wants the brackets; TLS checks the address SAN
-            except ValueError:
-                pass
-            self._conn = http.client.HTTPSConnection(host, self.port, context=self.tls, timeout=self.timeout)
+                # server_hostname may be an address: TLS then checks the certificate's IP SAN.
+                self._conn = self.tls.wrap_socket(raw, server_hostname=self.host)
+            except BaseException:
+                raw.close()
+                raise
         return self._conn
 
     def _drop(self) -> None:
@@ -216,18 +225,16 @@ class Client:
                    "User-Agent": "containerboot"}
         if body is not None:
             headers["Content-Type"] = content_type
-        conn = self._connection()
-        conn.timeout = timeout
-        if conn.sock is not None:
-            conn.sock.settimeout(timeout)
         try:
-            conn.request(method, path, body=body, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read(MAX_BODY + 1)
+            conn = self._connection(timeout)
+            conn.settimeout(timeout)
+            resp = http1.request(conn, method, path, self._host_header, headers, body, keep_alive=True)
+            data = resp.read(MAX_BODY)
+            resp.close()
         except BaseException:  # a timeout, a reset, or a signal raised into us: the connection is unusable
             self._drop()
             raise
-        if len(data) > MAX_BODY or resp.will_close:
+        if resp.will_close:
             self._drop()
         return resp.status, resp.reason, data
 
@@ -254,7 +261,7 @@ class Client:
                 attempt += 1
                 try:
                     status, reason, data = self._once(method, path, body, content_type, self.token(), timeout)
-                except (OSError, http.client.HTTPException) as exc:
+                except OSError as exc:  # http1.HTTPError and ssl.SSLError are OSErrors too
                     last = (f"no answer from https://{self.host}:{self.port} within {timeout:g}s"
                             if isinstance(exc, (TimeoutError, socket.timeout)) else f"{type(exc).__name__}: {exc}")
                     self._pause(attempt)
