@@ -9,7 +9,6 @@ nearest known one. Every error is a ConfigError: one line naming the variable, t
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import json
 import os
@@ -496,6 +495,8 @@ def unknown_variable_notes(env: Mapping[str, str]) -> list[str]:
     notes = []
     for name in sorted(env):
         if name.startswith("TS_") and name not in known and not name.startswith(PASSED_PREFIXES):
+            import difflib  # only for a misspelt variable
+
             near = difflib.get_close_matches(name, sorted(set(VARIABLES) | set(FILE_VARIABLES)), n=1, cutoff=0.75)
             hint = f" (did you mean {near[0]}?)" if near else ""
             notes.append(f"[warning] {name} is not a variable containerboot reads{hint}; it is passed to "
