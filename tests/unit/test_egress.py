@@ -255,3 +255,39 @@ def test_thousand_services_one_plan() -> None:
             for i in range(1000)]
     plan, notes = rules.plan(S, rules.Inputs(proxy.Inputs(SELF), many))
     assert len(plan.rules) == 2001 and not notes
+
+
+# ---- the CLI sees the same rules ------------------------------------------------------------------------------
+
+
+def test_cli_plan_includes_services(tmp_path: Any) -> None:
+    import subprocess
+
+    from containerboot.settings import load
+    from tests.conftest import containerboot_exe
+
+    (tmp_path / "eg").mkdir()
+    (tmp_path / "eg" / "egress-services").write_bytes(cfg(web=svc("100.64.0.7", "", ("tcp", 8080, 80)),
+                                                          named=svc("", "db.ts.net", ("tcp", 9, 9))))
+    (tmp_path / "ingress.json").write_text(json.dumps({"svc:a": {"IPv4Mapping": {
+        "TailscaleServiceIP": "100.100.0.1", "ClusterIP": "10.96.0.10"}}}))
+    env = {"PATH": "/usr/bin:/bin", "KUBERNETES_SERVICE_HOST": "10.96.0.1", "TS_KUBE_SECRET": "pg-0",
+           "TS_USERSPACE": "false", "POD_IPS": "10.1.0.5", "TS_EGRESS_PROXIES_CONFIG_PATH": str(tmp_path / "eg"),
+           "TS_INGRESS_PROXIES_CONFIG_PATH": str(tmp_path / "ingress.json")}
+    assert not [n for n in load(env).notes if "not implemented" in n]
+    proc = subprocess.run([containerboot_exe(), "plan", "--tailnet-ip", "100.64.0.1", "--json", "--status"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    rules_json, status = map(json.loads, proc.stdout.splitlines())
+    assert {r["kind"] for r in rules_json} == {"dnat", "portmap", "snat", "mss-clamp"}
+    assert {"kind": "portmap", "family": 4, "iface": "tailscale0", "proto": "tcp", "port": 8080, "to": "100.64.0.7",
+            "to_port": 80} in rules_json
+    assert status["egress-services"]["podIPv4"] == "10.1.0.5"
+    assert status["egress-services"]["services"]["named"]["tailnetTargetIPs"] is None
+    assert status["ingress-config.json"]["configs"]["svc:a"]["IPv4Mapping"]["ClusterIP"] == "10.96.0.10"
+    assert "db.ts.net is a name" in proc.stderr
+    # A bad file: one line, exit 1.
+    (tmp_path / "eg" / "egress-services").write_text('{"x": {"tailnetTarget": {}}}')
+    proc = subprocess.run([containerboot_exe(), "plan", "--tailnet-ip", "100.64.0.1"], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "neither ip nor fqdn" in proc.stderr, proc.stderr
