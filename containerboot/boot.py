@@ -15,7 +15,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -816,8 +816,7 @@ class Boot:
             return
         self.netmap_extra = egress.with_dns_config(self.netmap_extra, cfg)
 
-    def service_inputs(self, families: tuple[int, ...] | list[int] | set[int]
-                       ) -> tuple[list[egress.Resolved], ingress.Configs, list[str]]:
+    def service_inputs(self, families: Iterable[int]) -> tuple[list[egress.Resolved], ingress.Configs, list[str]]:
         if not self.services_on:
             return [], (), []
         resolved: list[egress.Resolved] = []
