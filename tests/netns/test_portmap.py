@@ -265,11 +265,13 @@ def topo(lab: Lab, request: pytest.FixtureRequest) -> Topology:
 def test_services_carry_packets(topo: Topology, n: int) -> None:
     services = [Service(i) for i in range(n)]
     probed = sample(services)
-    topo.serve(targets_of(probed))
+    unmapped = [Service(n), Service(n + 1)]  # the next ports, TCP and UDP: their targets listen, unreached
+    topo.serve(targets_of(probed) | targets_of(unmapped))
     topo.check(probed[:2], forwarding=False)  # nothing forwards before the rules exist
     reply = topo.apply(services)
     assert reply["found"] == 2 * n + len({(fam, s.to[fam]) for s in services for fam in (4, 6)})
     topo.check(probed)
+    topo.check(unmapped, forwarding=False)
     # Only what does not arrive on tailscale0 is mapped: the tailnet side reaching the same port is not.
     first = probed[0]
     assert topo.probe(topo.tnet, [(first.proto, TS[4], first.port), (first.proto, TS[6], first.port)]) == [None, None]
