@@ -89,6 +89,15 @@ def container_peak_mib(cgroup: Path) -> float:
     return int((cgroup / "memory.max_usage_in_bytes").read_text()) / (1 << 20)
 
 
+def container_parts_mib(cgroup: Path) -> dict[str, float]:
+    """Where the container's memory is at the end of the run: anonymous (rss), page cache, and the
+    kernel's own peak (sockets, netfilter objects: cgroup v1 charges them too)."""
+    stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines())
+    kmem = cgroup / "memory.kmem.max_usage_in_bytes"
+    return {"anon": int(stat["rss"]) / (1 << 20), "cache": int(stat["cache"]) / (1 << 20),
+            "kmem": int(kmem.read_text()) / (1 << 20) if kmem.exists() else float("nan")}
+
+
 def one_run(net: Tailnet, impl: str, backend_mode: str, n: int) -> dict[str, float]:
     ns, _ = net.site(f"b{n}", f"198.18.0.{n}", n)
     backend = f"198.18.{n}.2"
@@ -119,13 +128,14 @@ def one_run(net: Tailnet, impl: str, backend_mode: str, n: int) -> dict[str, flo
         moved = done_at(poller) - changed
         rss = peak_rss_mib(run.proc.pid)
         total = container_peak_mib(cgroup)
+        parts = container_parts_mib(cgroup)
     except Exception:
         print(f"{impl} run failed; its output:\n" + run.output[-3000:], file=sys.stderr)
         raise
     finally:
         run.stop()
         remove_cgroup(cgroup)
-    out = {"ready": ready, "moved": moved, "rss": rss, "total": total}
+    out = {"ready": ready, "moved": moved, "rss": rss, "total": total, **parts}
     if impl == "ours":
         shares = [json.loads(line).get("ms_after_netmap") for line in run.lines if '"ms_after_netmap"' in line]
         out["share_ms"] = max(s for s in shares if s is not None)
@@ -179,7 +189,10 @@ def main() -> None:
         for key, label, unit in (("ready", "start -> ready (rules, 200)", "s"),
                                  ("moved", "address change -> rules", "s"),
                                  ("rss", "peak RSS, containerboot", "MiB"),
-                                 ("total", "peak, container (cgroup, all)", "MiB")):
+                                 ("total", "peak, container (cgroup, all)", "MiB"),
+                                 ("anon", "  at the end: anonymous", "MiB"),
+                                 ("cache", "  at the end: page cache", "MiB"),
+                                 ("kmem", "  kernel memory, peak", "MiB")):
             up, us = med(mode, "upstream", key), med(mode, "ours", key)
             print(f"{label:34} {up:>12.2f}{unit:>3} {us:>11.2f}{unit:>3} {us / up:>7.2f}")
         shares = [r["share_ms"] for r in results[(mode, "ours")]]

@@ -30,7 +30,24 @@ def settings_or_exit() -> Settings:
     return settings
 
 
+M_ARENA_MAX = -8  # glibc's malloc.h
+
+
+def one_malloc_arena() -> None:
+    """glibc gives a thread that allocates while another holds the main arena an arena of its own, and
+    memory freed there mostly stays there. Our threads are few and rarely allocate at the same time, so
+    one arena costs no speed; bench_boot measured 2 MiB less peak RSS (23.2 -> 21.2 MiB). Called before
+    any thread starts. (ctypes is on the boot path anyway: tailscaled.py's prctl.)"""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def boot() -> NoReturn:
+    one_malloc_arena()
     from containerboot import boot
 
     sys.exit(boot.main(settings_or_exit()))

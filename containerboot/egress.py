@@ -19,7 +19,6 @@ import json
 import os
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -458,7 +457,8 @@ class Drain:
 
     def _ask(self, url: str, header: str, timeout: float) -> str | None:
         """The header's value from one GET on a new connection ("" when absent); None when unreachable."""
-        import http.client  # only a pre-stop drain pays for it (it brings email.parser)
+        import http.client  # only a pre-stop drain pays for these (http.client brings email.parser)
+        import urllib.parse
 
         parts = urllib.parse.urlsplit(url)
         conn_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection

@@ -23,7 +23,6 @@ import os
 import socket
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -151,6 +150,13 @@ def server_address(s: Settings, env: Mapping[str, str]) -> tuple[str, int]:
 
 
 # ---- the client -------------------------------------------------------------------------------------
+
+
+def _segment(text: str) -> str:
+    """A path segment, percent-encoded as urllib.parse.quote(text, safe="") would (names are DNS labels,
+    so this rarely does anything; urllib.parse costs 0.6 MiB on the boot path)."""
+    return "".join(chr(b) if chr(b).isascii() and (chr(b).isalnum() or chr(b) in "-._~") else f"%{b:02X}"
+                   for b in text.encode())
 
 
 class Client:
@@ -296,7 +302,7 @@ class Client:
     # ---- calls the proxy makes ---------------------------------------------------------------------
 
     def _secret_path(self, name: str) -> str:
-        return f"/api/v1/namespaces/{urllib.parse.quote(self.namespace)}/secrets/{urllib.parse.quote(name)}"
+        return f"/api/v1/namespaces/{_segment(self.namespace)}/secrets/{_segment(name)}"
 
     def allowed(self, verb: str, resource: str, name: str = "") -> bool:
         attrs = {"namespace": self.namespace, "verb": verb, "resource": resource}

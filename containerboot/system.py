@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 
 from containerboot.settings import Settings
 from firewall.detect import iptables_version, variant_of
+from firewall.paths import which
 
 FORWARDING = {4: "proc/sys/net/ipv4/ip_forward", 6: "proc/sys/net/ipv6/conf/all/forwarding"}
 DEFAULT_SOCKET = "/var/run/tailscale/tailscaled.sock"
@@ -96,7 +96,7 @@ def legacy_xtables_path(s: Settings) -> str | None:
     shim = s.root_path("run/containerboot/xtables-legacy")
     os.makedirs(shim, exist_ok=True)
     for tool in LEGACY_TOOLS:
-        target = shutil.which(tool.replace("tables", "tables-legacy", 1))
+        target = which(tool.replace("tables", "tables-legacy", 1))
         if target is None:
             return None
         link = os.path.join(shim, tool)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -26,6 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 from containerboot.settings import FILE_VARIABLES, SECRETS, Settings
+from firewall.paths import which
 
 
 def tailscaled_argv(s: Settings) -> list[str]:
@@ -93,7 +93,7 @@ def child_env(env: Mapping[str, str]) -> dict[str, str]:
 
 def find(name: str) -> str:
     """The binary on PATH, as the upstream program finds it."""
-    return shutil.which(name) or name
+    return which(name) or name
 
 
 # ---- children that die with us ---------------------------------------------------------------------
@@ -171,6 +171,8 @@ def secret_argv(argv: list[str], use_memfd: bool = True,
         for fd in fds:
             os.close(fd)
         for d in made:
+            import shutil  # the fallback directory only
+
             shutil.rmtree(d, ignore_errors=True)
 
 

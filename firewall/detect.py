@@ -16,13 +16,13 @@ hold the decision to a table of facts without root.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from firewall.model import Driver, FirewallBusy, FirewallError
+from firewall.paths import which
 
 if TYPE_CHECKING:
     from firewall.iptables import IptablesDriver
@@ -289,7 +289,7 @@ def _nft_census(libnft: Libnft) -> Census:
 
 def iptables_version() -> str | None:
     """What `iptables -V` on PATH prints, or None when there is no iptables."""
-    exe = shutil.which("iptables")
+    exe = which("iptables")
     if not exe:
         return None
     try:

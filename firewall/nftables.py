@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import shutil
 import socket
 import struct
 import subprocess
@@ -41,6 +40,7 @@ from firewall.model import (
     addr_text,
     rule_order,
 )
+from firewall.paths import which
 
 TABLE = "containerboot"
 MAP = "ingress"
@@ -127,7 +127,7 @@ class CliLibnft:
     path = "cli"
 
     def __init__(self, nft: str | None = None) -> None:
-        found = nft or shutil.which("nft")
+        found = nft or which("nft")
         if not found:
             raise FileNotFoundError("nft not found on PATH")
         self._nft = found

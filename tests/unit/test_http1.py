@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
 from containerboot import http1
+from firewall.paths import which
 
 
 def exchange(answer: bytes, method: str = "GET", body: bytes | None = None,
@@ -112,3 +116,17 @@ def test_server_response_bytes() -> None:
     assert out == (b"HTTP/1.0 200 OK\r\nDate: Thu, 01 Jan 1970 00:00:00 GMT\r\nPod-IPv4: 10.0.0.1\r\n"
                    b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
     assert http1.response(503, b"x", head_only=True, now=0).endswith(b"Content-Length: 1\r\nConnection: close\r\n\r\n")
+
+
+def test_which_finds_executables_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = tmp_path
+    (base / "a").mkdir()
+    (base / "b").mkdir()
+    (base / "a" / "tool").write_text("")  # not executable: skipped
+    (base / "b" / "tool").write_text("#!/bin/sh\n")
+    os.chmod(base / "b" / "tool", 0o755)
+    (base / "a" / "dir").mkdir()
+    monkeypatch.setenv("PATH", f"{base / 'a'}:{base / 'b'}")
+    assert which("tool") == str(base / "b" / "tool") == shutil.which("tool")
+    assert which("dir") is None and which("missing") is None
+    assert which(str(base / "b" / "tool")) == str(base / "b" / "tool")

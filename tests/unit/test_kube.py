@@ -116,3 +116,12 @@ def test_dir_watch_sees_a_kubelet_swap(tmp_path: Path) -> None:
         assert seen.wait(2)
     finally:
         watch.close()
+
+
+def test_path_segments_are_encoded_as_urllib_would() -> None:
+    import urllib.parse
+
+    from containerboot.kube import _segment
+
+    for text in ("tailscale", "ts-proxy-0", "a b/c", "ü-x.y_z~", "%", "?#"):
+        assert _segment(text) == urllib.parse.quote(text, safe="")
