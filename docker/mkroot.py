@@ -253,8 +253,9 @@ def system(root: str) -> None:
 
 
 # Modules the program reaches on some path but not at import time of its own modules (lazy imports).
-EXTRA_IMPORTS = ("ssl", "http.client", "http.server", "socketserver", "urllib.request", "ctypes", "ctypes.util",
-                 "json", "queue", "difflib", "codecs", "base64", "encodings.idna", "nftables")
+EXTRA_IMPORTS = ("ssl", "http.client", "http.server", "socketserver", "urllib.request", "urllib.parse", "ctypes",
+                 "ctypes.util", "json", "queue", "difflib", "codecs", "base64", "encodings.idna", "nftables",
+                 "tempfile", "shutil")
 
 
 def app(root: str, out: str) -> None:
