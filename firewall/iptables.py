@@ -6,12 +6,13 @@ Owned chains, each reached by one jump inserted at the top of its base chain:
   mangle FORWARD     -> CONTAINERBOOT-FORWARD      MSS clamp both ways on the tunnel
 
 A plan becomes `Spec`s (one per iptables rule, printed the way iptables-save prints it), and each
-Spec the kernel's entry bytes (`encode`). A worker process per family (firewall/iptables_worker.py)
-splices them into the table and commits it (one IPT_SO_SET_REPLACE per table, as
+Spec the kernel's entry bytes (`encode`). A `Server` per family (firewall/iptables_worker.py, in this
+process) splices them into the table and commits it (one IPT_SO_SET_REPLACE per table, as
 iptables-legacy-restore does) and reads the owned chains back, as bytes that `decode` turns into
 Specs again. python-iptables built each rule as a graph of ctypes objects through libxtables: about
 170 µs a rule, 60x iptables-legacy-restore at 10,000 rules; and libxtables cannot hold both
-families' extensions in one process, which is why it had to fork per call.
+families' extensions in one process, which is why it had to fork per call. (A worker interpreter per
+family came next; the container's memory paid 12 MB for each: see iptables_worker.py.)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from firewall import xtables
-from firewall.iptables_worker import CALL_TIMEOUT, Worker, exchange
+from firewall.iptables_worker import Server, call
 from firewall.model import (
     TUN,
     Dnat,
@@ -445,7 +446,7 @@ def read_back(fam: int, chains: dict[str, tuple[int, list[bytes]]]) -> set[Rule]
 def xtables_lock(wait: float) -> Iterator[None]:
     """The lock the iptables tools take with --wait (tailscaled's do), so that our read-modify-commit
     of a table and theirs do not interleave; the kernel takes none across the two. Held here, around
-    both families' workers. Unlike `iptables --wait`, the wait is bounded: a lock held for ever must
+    both families' commits. Unlike `iptables --wait`, the wait is bounded: a lock held for ever must
     not hold the boot for ever (FirewallBusy: retry later)."""
     path = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
     try:
@@ -478,28 +479,29 @@ def legacy_tables(fam: int) -> set[str]:
 class IptablesDriver:
     name = "iptables"
 
-    def __init__(self, families: Iterable[int] = (4, 6), lock_wait: float = LOCK_WAIT,
-                 timeout: float = CALL_TIMEOUT) -> None:
+    def __init__(self, families: Iterable[int] = (4, 6), lock_wait: float = LOCK_WAIT) -> None:
         self.families = tuple(sorted(set(families)))
         self.lock_wait = lock_wait  # a shutdown lowers it: the rules go if they can go quickly
-        self.timeout = timeout  # what a call may take (after the lock wait) before its worker is killed
-        self.workers = {fam: Worker(fam) for fam in self.families}
-        for worker in self.workers.values():
-            worker.start()  # now, so that the first apply does not wait for an interpreter to start
-        # Per family, what the kernel held when its worker last reported: (the worker's process count, the
-        # version it gave that content, the rules). A read that finds the same version costs no parse.
-        self._known: dict[int, tuple[int, int, Plan]] = {}
+        self.servers = {fam: Server(fam) for fam in self.families}
+        # Per family, what the kernel held when its server last reported: (the version it gave that content,
+        # the rules). A read that finds the same version costs no parse.
+        self._known: dict[int, tuple[int, Plan]] = {}
         self._together: tuple[tuple[Plan, ...], Plan] | None = None  # the families' plans, and their union
         self._dnat: dict[int, int] = {}
 
     def _call(self, requests: dict[int, dict[str, Any]]) -> dict[int, Any]:
-        try:
-            results = exchange([(self.workers[fam], r) for fam, r in requests.items()], self.timeout)
-        except BaseException:
-            for fam in requests:
+        """Each family's request; every family is asked even when one fails (the first error is raised)."""
+        results: dict[int, Any] = {}
+        error: BaseException | None = None
+        for fam, request in requests.items():
+            try:
+                results[fam] = call(self.servers[fam], request)
+            except BaseException as exc:  # what the kernel holds is unknown now: read it whole next time
                 self._known.pop(fam, None)
-            raise
-        return dict(zip(requests, results, strict=True))
+                error = error or exc
+        if error is not None:
+            raise error
+        return results
 
     def _dnat_revisions(self, fams: Iterable[int]) -> dict[int, int]:
         """The DNAT revision each family's rules are written in, asked of the kernel once."""
@@ -524,8 +526,8 @@ class IptablesDriver:
             with xtables_lock(self.lock_wait):
                 replies = self._call(requests)
         for fam, version in replies.items():
-            self._known[fam] = (self.workers[fam].starts, version, plan.only(fam) if plan is not None else Plan())
-        self._together = (tuple(self._known[fam][2] for fam in self.families), plan or Plan())
+            self._known[fam] = (version, plan.only(fam) if plan is not None else Plan())
+        self._together = (tuple(self._known[fam][1] for fam in self.families), plan or Plan())
 
     def apply(self, plan: Plan, full: bool = True) -> None:
         """Rewrites the owned chains whole each time (`full` is accepted for the common interface)."""
@@ -539,22 +541,21 @@ class IptablesDriver:
         self._write(None)
 
     def installed(self) -> Plan:
-        """What the owned chains hold. Each worker compares its tables with what it last reported (a read
-        and a comparison: no parse, nothing sent back) and only says "same" when nothing changed."""
+        """What the owned chains hold. Each server compares its tables with what it last reported (a read
+        and a comparison: no parse) and only says "same" when nothing changed."""
         requests = {}
         for fam in self.families:
-            starts, version, _ = self._known.get(fam, (0, -1, Plan()))
-            since = version if starts == self.workers[fam].starts else -1
-            requests[fam] = {"op": "read", "chains": OWNED, "since": since}
+            version, _ = self._known.get(fam, (-1, Plan()))
+            requests[fam] = {"op": "read", "chains": OWNED, "since": version}
         plans = []
         for fam, reply in self._call(requests).items():
             if not reply["same"]:
                 found = Plan.read_back(read_back(fam, reply["chains"]))
                 before = self._known.get(fam)
-                if before is not None and before[2] == found:
-                    found = before[2]  # the same object again: the caller's `found == applied` is then instant
-                self._known[fam] = (self.workers[fam].starts, reply["version"], found)
-            plans.append(self._known[fam][2])
+                if before is not None and before[1] == found:
+                    found = before[1]  # the same object again: the caller's `found == applied` is then instant
+                self._known[fam] = (reply["version"], found)
+            plans.append(self._known[fam][1])
         if self._together is None or any(a is not b for a, b in zip(self._together[0], plans, strict=True)):
             full = [p for p in plans if p.rules]
             union = full[0] if len(full) == 1 else Plan.read_back(r for p in full for r in p.rules)
@@ -572,5 +573,5 @@ class IptablesDriver:
         return [(fam, *row) for fam, rows in self._call(requests).items() for row in rows]
 
     def close(self) -> None:
-        for worker in self.workers.values():
-            worker.close()
+        for server in self.servers.values():
+            server.kernel.close()

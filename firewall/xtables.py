@@ -9,9 +9,9 @@ hook's entry offset and ends with its policy at the hook's underflow offset. A j
 target whose verdict is the byte offset of the rule it continues at.
 
 `splice` rewrites chosen chains of a table and leaves every other entry as it was, moving the jump
-offsets that point past a change. Only the standard library is used, so that the worker process
-that runs this (firewall/iptables_worker.py) starts in about 30 ms and holds about 12 MB; it has no
-libxtables, and so no per-family limit on which extensions one process can build.
+offsets that point past a change. Only the standard library and ctypes (for getsockopt buffers larger
+than socket.getsockopt allows) are used: no libxtables, and so no per-family limit on which extensions
+one process can build.
 """
 
 from __future__ import annotations
@@ -373,6 +373,13 @@ class Kernel:
         self.lay = LAYOUT[fam]
         self._sock: socket.socket | None = None
         self._buffers: dict[str, ctypes.Array[ctypes.c_char]] = {}
+
+    def close(self) -> None:
+        """Close the raw socket and drop the read buffers (a table of 10,000 rules is about 3 MB)."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._buffers.clear()
 
     def _fd(self) -> int:
         if self._sock is None:
