@@ -5,6 +5,7 @@ tests/lifecycle; here the stand-in can hold a call open or answer 429, which tai
 from __future__ import annotations
 
 import json
+import os
 import socketserver
 import tempfile
 import threading
@@ -289,6 +290,7 @@ def test_failures_back_off_and_log_once_per_step(standin: StandIn, lines: list[s
     timing = Timing(schedule=(0.1, 0.2, 0.4, 0.8), renew=10.0)
     svc = Services(s, LocalAPI(standin.path), timing)
     standin.cert_domains = ["web.tailnet.ts.net"]
+    fds = len(os.listdir("/proc/self/fd"))
     svc.start()
     try:
         svc.on_serve_config({"Services": {"svc:web": HA_INGRESS["Services"]["svc:web"]}})
@@ -300,6 +302,8 @@ def test_failures_back_off_and_log_once_per_step(standin: StandIn, lines: list[s
         assert steps[:5] == [("1", "100ms"), ("2", "200ms"), ("3", "400ms"), ("4", "800ms"), ("5", "800ms")]
         assert "500 your Tailscale account does not support getting TLS certs" in failures[0]
         assert len(failures) == standin.calls("GET", "/localapi/v0/cert/")  # one line per attempt
+        # (the stand-in closes its side of the last call on its own thread: a moment's grace)
+        assert wait_for(lambda: len(os.listdir("/proc/self/fd")) == fds, 2), "a call left its socket open"
     finally:
         svc.stop()
 
