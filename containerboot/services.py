@@ -13,7 +13,6 @@ loop after each advertisement). The decisions are the pure functions at the top;
 
 from __future__ import annotations
 
-import email.utils
 import errno
 import json
 import socket
@@ -117,6 +116,10 @@ def retry_after(value: str | None, now: float | None = None) -> float:
     value = value.strip()
     if value.isdigit():
         return float(value)
+    # Imported here: the email package costs about 1 MiB of resident memory in every pod, and a rate limit
+    # that names a date is rare (measured: 14.0 -> 15.0 MiB max RSS importing this module with it at the top).
+    import email.utils
+
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
