@@ -300,8 +300,8 @@ class _CertLoops:
     def _check_domains(self) -> None:
         try:
             domains = self.calls.json("GET", "/localapi/v0/cert-domains", DOMAINS_TIMEOUT)
-        except (LocalAPIError, ValueError):
-            return  # as upstream: the next change of the node asks again
+        except Exception:  # noqa: BLE001 - as upstream, any failure: the next change of the node asks again
+            return
         known = {str(d) for d in domains} if isinstance(domains, list) else set()
         with self.cv:
             for loop in self.loops.values():
@@ -324,6 +324,8 @@ class _CertLoops:
             error = CertError(str(exc), transient=True)
         except OSError as exc:
             error = _cert_error(exc)
+        except Exception as exc:  # noqa: BLE001 - a surprise must cost one attempt, not end the loops for good
+            error = CertError(f"unexpected error: {type(exc).__name__}: {exc}")
         with self.cv:
             if self.stopped or self.loops.get(loop.domain) is not loop:
                 return  # stopped, or the domain left the serve config during the call
@@ -378,12 +380,14 @@ class _Advertiser:
             try:
                 self.refresh()
                 self.failures = 0
-            except (LocalAPIError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - LocalAPI errors, or a surprise: retried, never the end
                 if self.stopped:
                     return
                 self.failures += 1
                 wait = min(ADVERTISE_RETRY[1], ADVERTISE_RETRY[0] * 2 ** (self.failures - 1))
-                log.info(f"auto-advertisement: {exc}; trying again in {duration(wait)}")
+                text = str(exc) if isinstance(exc, LocalAPIError | ValueError) else \
+                    f"unexpected error: {type(exc).__name__}: {exc}"
+                log.info(f"auto-advertisement: {text}; trying again in {duration(wait)}")
                 with self.cv:
                     retry_at = time.monotonic() + wait
                     self.due = retry_at if self.due is None else min(self.due, retry_at)

@@ -136,6 +136,7 @@ class StandIn:
         self.hold = threading.Event()  # set: cert calls wait until released
         self.release = threading.Event()
         self.serve_config: dict[str, Any] = {}
+        self.serve_broken = False
         self.prefs: dict[str, Any] = {"AdvertiseServices": None}
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
@@ -185,6 +186,8 @@ class StandIn:
                     status, text, headers = api.cert_status
                     return self._reply(status, text, headers)
                 if path == "/localapi/v0/serve-config":
+                    if api.serve_broken:
+                        return self._reply(500, b"serve config unavailable\n")
                     return self._reply(200, json.dumps(api.serve_config).encode())
                 if path == "/localapi/v0/prefs":
                     if self.command == "PATCH" and body.get("AdvertiseServicesSet"):
@@ -371,6 +374,22 @@ def test_advertises_the_serve_configs_services(standin: StandIn, lines: list[str
         standin.serve_config = {"TCP": {"80": {"HTTP": True}}}
         svc.on_serve_config(standin.serve_config)
         assert wait_for(lambda: standin.prefs["AdvertiseServices"] is None)
+    finally:
+        svc.stop()
+
+
+def test_a_failed_advertisement_is_retried(standin: StandIn, lines: list[str]) -> None:
+    # Upstream exits (and the container restarts); here the thread logs and tries again, backing off.
+    svc = Services(settings(), LocalAPI(standin.path))
+    standin.serve_config = HA_INGRESS
+    standin.serve_broken = True
+    svc.start()
+    try:
+        svc.on_serve_config(HA_INGRESS)
+        assert wait_for(lambda: any("auto-advertisement: GET /localapi/v0/serve-config: 500 serve config "
+                                    "unavailable; trying again in 1s" in line for line in lines))
+        standin.serve_broken = False
+        assert wait_for(lambda: standin.prefs["AdvertiseServices"] == ["svc:api", "svc:plain", "svc:web"], 5)
     finally:
         svc.stop()
 
