@@ -1,17 +1,15 @@
 """The Tailscale admin API the Kubernetes operator needs, in front of headscale: one HTTP origin that is both
 the operator's control URL and its API base (it uses OPERATOR_LOGIN_SERVER for both).
 
-    adminapi.py LISTEN_HOST LISTEN_PORT UPSTREAM_PORT HEADSCALE_BIN HEADSCALE_CONFIG USER_ID LOG [CERT KEY]
+    adminapi.py LISTEN_HOST LISTEN_PORT UPSTREAM_HOST:PORT HEADSCALE_BIN HEADSCALE_CONFIG USER_ID LOG
 
-With CERT and KEY it also serves the same over TLS on port 443 of LISTEN_HOST: tailscaled falls back to Noise
-over HTTPS on 443 when it dialled control less than two minutes before (controlhttp's forceNoise443), and the
-operator's tsnet does that on its first login here.
+headscale upstream speaks TLS (its certificate is not checked: it is the lab's own, one hop away).
 
   POST   /api/v2/oauth/token        any client credentials -> a bearer token (nothing else checks it: lab only)
   POST   /api/v2/tailnet/-/keys     -> a headscale pre-auth key with the requested tags, reusable or not as asked
   DELETE /api/v2/device/{id}        -> `headscale nodes delete`; an unknown node is 404 with a JSON body (the
                                        operator's client treats that as already deleted; anything else it retries)
-  anything else                     -> headscale on 127.0.0.1:UPSTREAM_PORT, byte for byte (the /ts2021 upgrade
+  anything else                     -> headscale at UPSTREAM_HOST:PORT, byte for byte (the /ts2021 upgrade
                                        included), for the rest of that connection
 
 Each API call is logged to LOG as one line "METHOD PATH -> STATUS", for tests to read. Prints "ready" once it
@@ -40,7 +38,7 @@ DEVICE = re.compile(r"^/api/v2/device/([^/?]+)$")
 class Proxy(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
-    upstream_port: int
+    upstream: tuple[str, int]
     headscale: list[str]
     user_id: str
     log_path: str
@@ -137,7 +135,10 @@ class Handler(socketserver.BaseRequestHandler):
     # -- everything else: headscale --------------------------------------------------------------------------
 
     def splice(self, conn: socket.socket, head: bytes) -> None:
-        up = socket.create_connection(("127.0.0.1", self.server.upstream_port), timeout=10)
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        up = ctx.wrap_socket(socket.create_connection(self.server.upstream, timeout=10))
         up.settimeout(None)
         conn.settimeout(None)
         up.sendall(head)
@@ -161,41 +162,23 @@ class Handler(socketserver.BaseRequestHandler):
         up.close()
 
 
-class TLSProxy(Proxy):
-    context: ssl.SSLContext
-
-    def get_request(self) -> tuple[socket.socket, object]:
-        conn, addr = super().get_request()
-        return self.context.wrap_socket(conn, server_side=True), addr
-
-
-def listen(cls: type[Proxy], host: str, port: int) -> Proxy:
-    for _ in range(50):  # the namespace's address can still be settling
-        try:
-            return cls((host, port), Handler)
-        except OSError:
-            time.sleep(0.1)
-    sys.exit(f"adminapi: cannot listen on {host}:{port}")
-
-
 def main() -> None:
     host, port, upstream, hs_bin, hs_config, user_id, log = sys.argv[1:8]
-    servers = [listen(Proxy, host, int(port))]
-    if len(sys.argv) > 9:
-        tls = listen(TLSProxy, host, 443)
-        assert isinstance(tls, TLSProxy)
-        tls.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        tls.context.load_cert_chain(sys.argv[8], sys.argv[9])
-        servers.append(tls)
-    for server in servers:
-        server.upstream_port = int(upstream)
-        server.headscale = [hs_bin, "-c", hs_config]
-        server.user_id = user_id
-        server.log_path = log
-    for server in servers[1:]:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+    for _ in range(50):  # the namespace's address can still be settling
+        try:
+            server = Proxy((host, int(port)), Handler)
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        sys.exit(f"adminapi: cannot listen on {host}:{port}")
+    up_host, _, up_port = upstream.rpartition(":")
+    server.upstream = (up_host, int(up_port))
+    server.headscale = [hs_bin, "-c", hs_config]
+    server.user_id = user_id
+    server.log_path = log
     print("ready", flush=True)
-    servers[0].serve_forever()
+    server.serve_forever()
 
 
 if __name__ == "__main__":

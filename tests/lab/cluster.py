@@ -3,7 +3,7 @@
 scripts/k8s-images.sh at the versions in versions.env; nothing is pulled from a registry.
 
   lan (bridge br0, 198.18.0.0/24; no route beyond it)
-   |-- hs      198.18.0.2   headscale (HTTP on 127.0.0.1:8080, no DERP) behind the admin-API shim on :80
+   |-- hs      198.18.0.2   headscale (HTTPS :443, DERP, STUN :3478) behind the admin-API shim on :80
    |                        (tests/lab/adminapi.py): the operator's control URL and API base, http://198.18.0.2
    |-- node    198.18.0.10  the node: etcd, kube-apiserver (:6443), kube-controller-manager, kube-scheduler,
    |                        containerd (a second one, Debian's, with its own root/state/socket), kubelet,
@@ -16,9 +16,11 @@ machine's mount namespace, which the kubelet needs (its volume mounts must be se
 kubelet's root is a shared bind mount of a directory of ours; cgroups go under a cgroupRoot of ours (this
 machine is cgroup v1 without systemd: cgroupfs driver, failCgroupV1: false). Its iptables and nftables are
 the namespace's own, so kube-proxy's nf_tables rules and the CNI plugins' rules never touch the machine's.
-headscale has no DERP: pods cannot trust a lab certificate, so nodes meet on direct paths (the client is on
-the LAN; pods reach it through the node's masquerade). Admin access from the test process (which stays in the
-machine's namespace) goes through sockets opened in the node's namespace by a short-lived thread (setns).
+headscale serves HTTPS on :443 with its embedded DERP relay, which nodes use without checking its certificate
+(InsecureForTests in the DERP map: pods cannot be given the lab's CA); the shim on :80 is plain HTTP. The pod
+network is flat: pods keep their addresses on the LAN, and the LAN's nodes route it through the node. Admin
+access from the test process (which stays in the machine's namespace) goes through sockets opened in the node's
+namespace by a short-lived thread (setns).
 
 `Cluster.close()` stops every process it started (by pid), removes the pods' containers, every mount under
 its directory, its cgroups (runc's mirror under the unified hierarchy too) and the namespaces.
@@ -52,7 +54,6 @@ from tests.lab.tailnet import Node, Tailnet, pinned
 ROOT = Path(__file__).resolve().parents[2]
 CONTROL_IP = "198.18.0.2"
 CONTROL_URL = f"http://{CONTROL_IP}"
-HEADSCALE_PORT = 8080
 NODE_IP = "198.18.0.10"
 NODE_NAME = "lab-node"
 CLIENT_IP = "198.18.0.3"
@@ -150,7 +151,9 @@ class _NetnsHTTPS(http.client.HTTPSConnection):
 
 HEADSCALE_CONFIG = """
 server_url: {url}
-listen_addr: 127.0.0.1:{port}
+listen_addr: {ip}:443
+tls_cert_path: {d}/control.crt
+tls_key_path: {d}/control.key
 metrics_listen_addr: 127.0.0.1:9090
 grpc_listen_addr: 127.0.0.1:50443
 grpc_allow_insecure: false
@@ -165,7 +168,7 @@ derp:
     enabled: true
     region_id: 999
     region_code: lab
-    region_name: Lab STUN (headscale's embedded server)
+    region_name: Lab DERP (headscale's embedded server)
     stun_listen_addr: {ip}:3478
     private_key_path: {d}/derp_server_private.key
     automatically_add_embedded_derp_region: false
@@ -185,7 +188,7 @@ log:
   level: info
 policy:
   mode: file
-  path: ""
+  path: {d}/policy.json
 dns:
   magic_dns: true
   base_domain: {domain}
@@ -211,41 +214,50 @@ class K8sTailnet(Tailnet):
 
     def start_control(self) -> None:
         cfg = self.dir / "headscale.yaml"
-        cfg.write_text(HEADSCALE_CONFIG.format(url=CONTROL_URL, port=HEADSCALE_PORT, d=self.dir,
+        # headscale's certificate, for its DERP relay and the Noise-over-HTTPS fallback on 443 (tailscaled falls
+        # back to it when it dialled control less than two minutes before, controlhttp's forceNoise443, and the
+        # operator's tsnet does that on its first login here); only the operator, a process of ours, trusts it.
+        sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+           "-days", "3", "-subj", "/CN=containerboot k8s lab control", "-addext", f"subjectAltName=IP:{CONTROL_IP}",
+           "-keyout", str(self.dir / "control.key"), "-out", str(self.dir / "control.crt"))
+        cfg.write_text(HEADSCALE_CONFIG.format(url=CONTROL_URL, d=self.dir,
                                                domain=TAILNET_DOMAIN, ip=CONTROL_IP))
-        # headscale wants at least one DERP region; this one only does STUN (UDP, no TLS), which tells a pod
-        # behind the node's masquerade its outside address, so peers can reach it directly.
+        # Everyone may reach everyone, tagged nodes included (with no policy, headscale gave the operator's tagged
+        # proxies an empty packet filter: they could dial out but accepted nothing). The tags the operator asks
+        # for need owners.
+        (self.dir / "policy.json").write_text(json.dumps({
+            "tagOwners": {"tag:k8s-operator": ["lab@"], "tag:k8s": ["tag:k8s-operator", "lab@"]},
+            "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}))
+        # headscale's embedded DERP relay, marked InsecureForTests so that nodes skip checking its certificate:
+        # pods cannot be given the lab's CA. (A STUN-only map left tailscaled rebinding its sockets every second,
+        # "last netcheck reported send error", and no WireGuard packet got through.)
         (self.dir / "derp.yaml").write_text(
-            "regions:\n  900:\n    regionid: 900\n    regioncode: lab\n    regionname: Lab STUN\n    nodes:\n"
-            f"      - {{name: 900a, regionid: 900, hostname: '{CONTROL_IP}', ipv4: '{CONTROL_IP}', stunonly: true,"
-            " stunport: 3478}\n")
+            "regions:\n  999:\n    regionid: 999\n    regioncode: lab\n    regionname: Lab DERP\n    nodes:\n"
+            f"      - {{name: 999a, regionid: 999, hostname: '{CONTROL_IP}', ipv4: '{CONTROL_IP}', derpport: 443,"
+            " stunport: 3478, insecurefortests: true}\n")
         log = open(self.dir / "headscale.log", "w")  # noqa: SIM115 - closed with the process
         self.headscale = self.lab.spawn(self.hs, [self.bins["headscale"], "serve", "-c", str(cfg)],
                                         stdout=log, stderr=subprocess.STDOUT)
-        ok = wait_until(lambda: self.lab.run(self.hs, "curl", "-sf", "-o", "/dev/null",
-                                             f"http://127.0.0.1:{HEADSCALE_PORT}/health",
+        ok = wait_until(lambda: self.lab.run(self.hs, "curl", "-sf", "--cacert", self.ca, "-o", "/dev/null",
+                                             f"https://{CONTROL_IP}/health",
                                              check=False).returncode == 0, timeout=30)
         if not ok:
             raise RuntimeError("headscale did not start:\n" + (self.dir / "headscale.log").read_text()[-3000:])
         self.hs_cli("users", "create", "lab")
         users = json.loads(self.hs_cli("users", "list", "-o", "json"))
         self.user_id = str(next(u["id"] for u in users if u["name"] == "lab"))
-        # A certificate for the shim's TLS side (see adminapi.py); only the operator, a process of ours, trusts it.
-        sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-           "-days", "3", "-subj", "/CN=containerboot k8s lab control", "-addext", f"subjectAltName=IP:{CONTROL_IP}",
-           "-keyout", str(self.dir / "control.key"), "-out", str(self.dir / "control.crt"))
         self.shim = self.lab.spawn(self.hs, [
             "/usr/bin/python3", str(Path(__file__).with_name("adminapi.py")), CONTROL_IP, "80",
-            str(HEADSCALE_PORT), self.bins["headscale"], str(cfg), self.user_id, str(self.api_log),
-            str(self.dir / "control.crt"), str(self.dir / "control.key")],
+            f"{CONTROL_IP}:443", self.bins["headscale"], str(cfg), self.user_id, str(self.api_log)],
             stdout=subprocess.PIPE, stderr=open(self.dir / "adminapi.err", "w"))  # noqa: SIM115
         assert self.shim.stdout is not None
         if self.shim.stdout.readline().strip() != "ready":
             raise RuntimeError("admin-API shim did not start:\n" + (self.dir / "adminapi.err").read_text()[-2000:])
 
-    def client(self, name: str, addr: str, *up_args: str, userspace: bool = False) -> Node:
-        """A tailnet node logged in through the shim (as the operator's proxies are)."""
-        ns = self.attach(name, addr)
+    def client(self, name: str, addr: str, *up_args: str, userspace: bool = False, ns: str = "") -> Node:
+        """A tailnet node logged in through the shim (as the operator's proxies are); in namespace `ns` when
+        given (attached to the LAN already), else in a new one."""
+        ns = ns or self.attach(name, addr)
         node = Node(name, ns, addr, str(self.dir / f"{name}.sock"))
         state = self.dir / f"{name}-state"
         state.mkdir()
@@ -299,6 +311,13 @@ class Cluster:
         self.tailnet = K8sTailnet(self.lab)
         self.tailnet.start_control()
         self.node_ns = self.tailnet.attach("node", NODE_IP)
+        # A flat pod network: pods keep their own addresses on the LAN (no masquerade) and the LAN's nodes route
+        # the pod network through the node. With no DERP relay to pass "call me maybe", a tailnet peer must reach a
+        # pod's own endpoint, and see its packets come from it (masqueraded, WireGuard from an unknown address
+        # is dropped).
+        self.client_ns = self.tailnet.attach("client", CLIENT_IP)
+        for ns in (self.tailnet.hs, self.client_ns):
+            self.lab.route(ns, POD_CIDR, NODE_IP)
         self._mark("tailnet", t)
         t = time.monotonic()
         self._credentials()
@@ -324,7 +343,7 @@ class Cluster:
         self._operator()
         self._mark("operator", t)
         t = time.monotonic()
-        self.client = self.tailnet.client("client", CLIENT_IP)
+        self.client = self.tailnet.client("client", CLIENT_IP, ns=self.client_ns)
         self._mark("tailnet client", t)
         self.timings["total"] = time.monotonic() - self.t0
 
@@ -443,10 +462,10 @@ class Cluster:
     def _containerd(self) -> None:
         d = self.dir
         (d / "cni" / "net.d").mkdir(parents=True)
-        # host-local keeps its leases in our directory; the bridge masquerades pods' traffic to the LAN.
+        # host-local keeps its leases in our directory; pods' addresses are routed on the LAN, not masqueraded.
         (d / "cni" / "net.d" / "10-lab.conflist").write_text(json.dumps({
             "cniVersion": "0.4.0", "name": "lab", "plugins": [
-                {"type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": True, "hairpinMode": True,
+                {"type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": False, "hairpinMode": True,
                  "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_CIDR}]],
                           "routes": [{"dst": "0.0.0.0/0"}], "dataDir": str(d / "cni" / "ipam")}},
                 {"type": "portmap", "capabilities": {"portMappings": True}}]}))

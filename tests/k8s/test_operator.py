@@ -1,0 +1,95 @@
+"""The Tailscale operator's proxies on a real single-node cluster whose kube-proxy runs in nftables mode (issue 12):
+the seed's failure reproduced with upstream's containerboot and legacy iptables, and fixed with our image."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.k8s.conftest import Exposed, expose, unique, wait_pod_ready, wait_proxy, web_pod
+from tests.lab.cluster import OPERATOR_NS, Cluster
+
+pytestmark = [pytest.mark.root, pytest.mark.docker]
+
+REACH_TIMEOUT = 60.0  # how long a proxy may take from device_ips to serving, at most
+NO_TRAFFIC_FOR = 20.0  # how long the failing image is given before "no traffic" is concluded
+
+
+def fetch_through_tailnet(c: Cluster, e: Exposed, timeout: float) -> str | None:
+    """What the tailnet client gets from the proxy's first tailnet address on port 80 within `timeout`."""
+    assert c.tailnet is not None and c.client is not None and e.secret is not None
+    ip = json.loads(e.secret["device_ips"])[0]
+    got: list[str | None] = [None]
+
+    def attempt() -> bool:
+        assert c.tailnet is not None and c.client is not None
+        got[0] = c.tailnet.fetch(c.client.ns, f"http://{ip}/", timeout=2.0)
+        return bool(got[0])
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not attempt():
+        time.sleep(0.3)
+    return got[0]
+
+
+def proxy_rules(c: Cluster, e: Exposed) -> tuple[str, str]:
+    """(nft list ruleset, iptables-legacy-save) in the proxy pod's network namespace."""
+    nft = c.in_pod(OPERATOR_NS, e.pod, "nft", "list", "ruleset").stdout
+    legacy = c.in_pod(OPERATOR_NS, e.pod, "iptables-legacy-save", check=False).stdout
+    return nft, legacy
+
+
+def cluster_ip(c: Cluster, e: Exposed) -> str:
+    svc = c.get(f"/api/v1/namespaces/{e.ns}/services/{e.service}")
+    assert svc is not None
+    return str(svc["spec"]["clusterIP"])
+
+
+def test_seed_case_with_our_image(cluster: Cluster) -> None:
+    c = cluster
+    ns = c.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": unique("ours")}})["metadata"]["name"]
+    web_pod(c, ns, "web")
+    wait_pod_ready(c, ns, "web")
+    e = wait_proxy(c, expose(c, ns, "web", "ours", unique("web-ours")))
+    assert e.sts is not None and e.secret is not None
+    # The operator made the proxy with our image (the ProxyClass's), and the Service shows the tailnet name.
+    container = next(x for x in e.sts["spec"]["template"]["spec"]["containers"] if x["name"] == "tailscale")
+    assert container["image"] == "containerboot-lab:ours"
+    fqdn = e.secret["device_fqdn"].rstrip(".")  # stored as an absolute name
+    assert fqdn.endswith(".lab.ts.net")
+    svc = c.wait_for(lambda: (c.get(f"/api/v1/namespaces/{ns}/services/web") or {}).get("status", {})
+                     .get("loadBalancer", {}).get("ingress"), 30, "the Service's load balancer status")
+    assert any(i.get("hostname") == fqdn for i in svc), svc
+    # A tailnet client fetches the page through the proxy.
+    body = fetch_through_tailnet(c, e, REACH_TIMEOUT)
+    reached = time.monotonic() - e.created
+    log = c.pod_log(OPERATOR_NS, e.pod, "tailscale")
+    assert body is not None and body.startswith("web "), f"no page through the tailnet; proxy log:\n{log[-4000:]}"
+    print(f"\nours: Service created -> page fetched through the tailnet in {reached:.1f} s")
+    # containerboot chose nftables and says why; its rules are in nf_tables, nothing in legacy iptables.
+    assert "nftables" in log.lower(), log[-3000:]
+    nft, legacy = proxy_rules(c, e)
+    assert cluster_ip(c, e) in nft, nft
+    assert "DNAT" not in legacy and "dnat" not in legacy.lower(), legacy
+
+
+def test_upstream_containerboot_with_legacy_iptables_joins_but_passes_no_traffic(cluster: Cluster) -> None:
+    """The image the seed's author had: upstream's containerboot, iptables the legacy variant. The node joins the
+    tailnet (device_ips in its Secret), and no request reaches the web server."""
+    c = cluster
+    ns = c.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": unique("legacy")}})["metadata"]["name"]
+    web_pod(c, ns, "web")
+    wait_pod_ready(c, ns, "web")
+    e = wait_proxy(c, expose(c, ns, "web", "upstream-legacy", unique("web-legacy")))
+    assert e.sts is not None and e.secret is not None
+    container = next(x for x in e.sts["spec"]["template"]["spec"]["containers"] if x["name"] == "tailscale")
+    assert container["image"] == "containerboot-lab:upstream-legacy"
+    assert c.tailnet is not None and c.tailnet.node_by_name(e.secret["device_fqdn"].split(".")[0]) is not None
+    body = fetch_through_tailnet(c, e, NO_TRAFFIC_FOR)
+    nft, legacy = proxy_rules(c, e)
+    log = c.pod_log(OPERATOR_NS, e.pod, "tailscale")
+    assert body is None, f"upstream with legacy iptables served {body!r}; legacy rules:\n{legacy}\nlog:\n{log[-3000:]}"
+    # Why: its DNAT went to legacy iptables.
+    assert cluster_ip(c, e) in legacy, legacy
