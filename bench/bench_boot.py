@@ -89,6 +89,21 @@ def container_peak_mib(cgroup: Path) -> float:
     return int((cgroup / "memory.max_usage_in_bytes").read_text()) / (1 << 20)
 
 
+def anon_by_process_mib(cgroup: Path, main_pid: int) -> dict[str, float]:
+    """Anonymous memory (RssAnon) at the end, containerboot's and the rest's (tailscaled): file-backed
+    pages (a Go binary's text, libpython) are charged to whichever cgroup first read them into the page
+    cache, so the cgroup's figure is mostly these two."""
+    out = {"anon_boot": 0.0, "anon_rest": 0.0}
+    for pid in (cgroup / "cgroup.procs").read_text().split():
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            continue
+        kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("RssAnon:")), 0)
+        out["anon_boot" if int(pid) == main_pid else "anon_rest"] += kib / 1024
+    return out
+
+
 def container_parts_mib(cgroup: Path) -> dict[str, float]:
     """Where the container's memory is at the end of the run: anonymous (rss), page cache, and the
     kernel's own peak (sockets, netfilter objects: cgroup v1 charges them too)."""
@@ -128,7 +143,7 @@ def one_run(net: Tailnet, impl: str, backend_mode: str, n: int) -> dict[str, flo
         moved = done_at(poller) - changed
         rss = peak_rss_mib(run.proc.pid)
         total = container_peak_mib(cgroup)
-        parts = container_parts_mib(cgroup)
+        parts = {**container_parts_mib(cgroup), **anon_by_process_mib(cgroup, run.proc.pid)}
     except Exception:
         print(f"{impl} run failed; its output:\n" + run.output[-3000:], file=sys.stderr)
         raise
@@ -191,6 +206,8 @@ def main() -> None:
                                  ("rss", "peak RSS, containerboot", "MiB"),
                                  ("total", "peak, container (cgroup, all)", "MiB"),
                                  ("anon", "  at the end: anonymous", "MiB"),
+                                 ("anon_boot", "    of it containerboot", "MiB"),
+                                 ("anon_rest", "    of it tailscaled (and rest)", "MiB"),
                                  ("cache", "  at the end: page cache", "MiB"),
                                  ("kmem", "  kernel memory, peak", "MiB")):
             up, us = med(mode, "upstream", key), med(mode, "ours", key)
