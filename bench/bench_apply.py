@@ -5,9 +5,9 @@ namespace: `apply` through the nftables driver and through the iptables driver, 
 the same ruleset as text, and `iptables-legacy-restore` loading the same rules; then, at the
 largest N, an `apply` that changes one mapping, and the drift check (`installed()`) with 10,000
 rules of someone else's in the namespace: when nothing changed (what runs every 2 s for the life
-of the container, as CPU time of this process and of the iptables workers) and right after a change.
+of the container, as CPU time of this process and its children) and right after a change.
 Drivers are created and ready (`installed()` once) before the clock starts, as in the boot, where
-they exist long before the first netmap; the iptables workers' start is printed on its own.
+they exist long before the first netmap; the drivers' first read is printed on its own.
 
 The port-map scenario does the same for N egress service ports (PortMap: protocol and port not from
 tailscale0 -> target address and port, the Kubernetes operator's ProxyGroup egress services), against
@@ -136,18 +136,11 @@ def children_ns() -> int:
     return int((usage.ru_utime + usage.ru_stime) * 1e9)
 
 
-def cpu_ns(pid: int) -> int:
-    """CPU time a process used so far (/proc/PID/schedstat: nanoseconds on a CPU)."""
-    with open(f"/proc/{pid}/schedstat") as f:
-        return int(f.read().split()[0])
-
-
 def worker(kind: str, n: int, checks: bool, scenario: str = "ingress") -> dict[str, float]:
     """Runs inside a fresh namespace; prints what it measured."""
     make = port_mappings if scenario == "portmap" else mappings
     plan, changed = make(n), make(n, changed=True)
     if kind in ("nftables", "iptables"):
-        pids: list[int] = []
         if kind == "nftables":
             from firewall.nftables import NftablesDriver, open_libnft
 
@@ -156,8 +149,7 @@ def worker(kind: str, n: int, checks: bool, scenario: str = "ingress") -> dict[s
             from firewall.iptables import IptablesDriver
 
             driver = IptablesDriver()
-            pids = [w.pid for w in getattr(driver, "workers", {}).values() if w.pid]  # none: a fork per call
-        out = {"ready": timed(driver.installed)}  # the iptables workers start in the background meanwhile
+        out = {"ready": timed(driver.installed)}
         out["apply"] = timed(lambda: driver.apply(plan))
         out["change_one"] = timed(lambda: driver.apply(changed))
         assert driver.installed() == changed
@@ -172,12 +164,12 @@ def worker(kind: str, n: int, checks: bool, scenario: str = "ingress") -> dict[s
             assert driver.installed() == changed
             if scenario == "portmap":
                 return out  # the idle check is the same whatever the rules are (measured with the ingress rules)
-            cpu0, wall0 = [time.process_time_ns(), children_ns(), *map(cpu_ns, pids)], time.perf_counter()
+            cpu0, wall0 = [time.process_time_ns(), children_ns()], time.perf_counter()
             calls = 0
             while calls < IDLE_CALLS and time.perf_counter() - wall0 < IDLE_SECONDS:
                 assert driver.installed() == changed  # as the boot's check compares it with what it applied
                 calls += 1
-            cpu1, wall1 = [time.process_time_ns(), children_ns(), *map(cpu_ns, pids)], time.perf_counter()
+            cpu1, wall1 = [time.process_time_ns(), children_ns()], time.perf_counter()
             out["idle_calls"] = calls
             out["idle_wall"] = (wall1 - wall0) / calls
             out["idle_cpu"] = (sum(cpu1) - sum(cpu0)) / 1e9 / calls
@@ -270,9 +262,9 @@ def ingress(args: argparse.Namespace) -> None:
     for name, r in (("nftables", nft), ("iptables", ipt)):
         share = r["idle_cpu"] / CHECK_PERIOD * 100
         print(f"idle drift check ({name}, nothing changed, {r['idle_calls']:.0f} calls): "
-              f"{r['idle_wall'] * ms:.2f} ms wall, {r['idle_cpu'] * ms:.3f} ms CPU (this process, its workers "
-              f"or children) = {share:.3f}% of one core at one check per {CHECK_PERIOD:g} s")
-    print(f"iptables driver ready (two worker processes started, first read): {ipt['ready'] * ms:.1f} ms; "
+              f"{r['idle_wall'] * ms:.2f} ms wall, {r['idle_cpu'] * ms:.3f} ms CPU (this process and its "
+              f"children) = {share:.3f}% of one core at one check per {CHECK_PERIOD:g} s")
+    print(f"iptables driver ready (first read): {ipt['ready'] * ms:.1f} ms; "
           f"nftables driver ready: {nft['ready'] * ms:.1f} ms")
     checks = []
     for n in (1000, 10000):
