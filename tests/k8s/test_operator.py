@@ -150,3 +150,94 @@ def test_deleting_the_service_removes_the_proxy_and_the_device(cluster: Cluster)
     c.wait_for(lambda: c.tailnet is not None and c.tailnet.node_by_name(hostname) is None, 30,
                f"the device {hostname} to go from headscale")
     print(f"\ndevice before the API delete: {device_id}\n{c.tailnet.api_log.read_text()}")
+
+
+def run_pod(c: Cluster, ns: str, name: str, code: str, timeout: float = 60) -> str:
+    """Runs `code` in our image's Python as a one-shot pod and returns its output."""
+    c.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns},
+             "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 0, "containers": [{
+                 "name": "main", "image": "containerboot-lab:ours", "imagePullPolicy": "IfNotPresent",
+                 "command": ["python3", "-c", code]}]}})
+    c.wait_for(lambda: (c.get(f"/api/v1/namespaces/{ns}/pods/{name}") or {}).get("status", {}).get("phase")
+               in ("Succeeded", "Failed"), timeout, f"pod {ns}/{name} to finish")
+    return c.pod_log(ns, name, "main")
+
+
+FETCH = """
+import sys, time, urllib.request
+url, deadline = sys.argv[1] if len(sys.argv) > 1 else "{url}", time.monotonic() + {timeout}
+while True:
+    try:
+        print(urllib.request.urlopen(url, timeout=3).read().decode().strip()); break
+    except OSError as e:
+        if time.monotonic() > deadline:
+            print("failed:", e); break
+        time.sleep(0.5)
+"""
+
+
+def test_egress_externalname_service_reaches_a_tailnet_node(cluster: Cluster) -> None:
+    """An ExternalName Service annotated tailscale.com/tailnet-fqdn: the operator points it at an egress proxy,
+    and a cluster pod reaches the tailnet client's web server through it. There is no cluster DNS here, so the
+    pod is given the address the ExternalName leads to (the operator's headless Service's endpoint, read from the
+    API, as CoreDNS would answer it)."""
+    c = cluster
+    assert c.tailnet is not None and c.client is not None
+    c.lab.serve(c.client.ns, "tailnet-client", "0.0.0.0")
+    ns = c.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": unique("egress")}})["metadata"]["name"]
+    c.apply({"apiVersion": "v1", "kind": "Service",
+             "metadata": {"name": "client", "namespace": ns,
+                          "annotations": {"tailscale.com/tailnet-fqdn": "client.lab.ts.net"},
+                          "labels": {"tailscale.com/proxy-class": "ours"}},
+             "spec": {"type": "ExternalName", "externalName": "placeholder",
+                      "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}})
+
+    def target() -> str | None:
+        svc = c.get(f"/api/v1/namespaces/{ns}/services/client") or {}
+        name = svc.get("spec", {}).get("externalName", "")
+        return name if name.endswith(".svc.cluster.local") else None
+    external = str(c.wait_for(target, 60, "the operator to point the ExternalName at its proxy Service"))
+    svc_name, svc_ns = external.split(".")[:2]
+    proxy_svc = c.get(f"/api/v1/namespaces/{svc_ns}/services/{svc_name}")
+    assert proxy_svc is not None
+    ip = proxy_svc["spec"]["clusterIP"]
+    if ip == "None":  # headless: DNS would answer with its endpoints, the proxy pod's address
+        def endpoint() -> str | None:
+            eps = c.get(f"/api/v1/namespaces/{svc_ns}/endpoints/{svc_name}") or {}
+            addrs = [a["ip"] for sub in eps.get("subsets") or [] for a in sub.get("addresses") or []]
+            return addrs[0] if addrs else None
+        ip = str(c.wait_for(endpoint, 60, f"an endpoint of {svc_ns}/{svc_name}"))
+    out = run_pod(c, ns, "fetch", FETCH.format(url=f"http://{ip}:8080/", timeout=REACH_TIMEOUT),
+                  timeout=REACH_TIMEOUT + 30)
+    assert out.startswith("tailnet-client "), out
+    print(f"\negress: {external} -> {ip}: {out}")
+
+
+def test_connector_subnet_route_approved_in_headscale(cluster: Cluster) -> None:
+    """A Connector advertising the Service network: before headscale approves the route the tailnet client has
+    no way there; after, it fetches a Service's page by its ClusterIP through the connector."""
+    c = cluster
+    assert c.tailnet is not None and c.client is not None
+    ns = c.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": unique("conn")}})["metadata"]["name"]
+    web_pod(c, ns, "web")
+    wait_pod_ready(c, ns, "web")
+    c.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": ns},
+             "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}})
+    ip = cluster_ip(c, Exposed(ns, "web", 0))
+    hostname = unique("connector")
+    from tests.lab.cluster import SERVICE_CIDR
+    c.apply({"apiVersion": "tailscale.com/v1alpha1", "kind": "Connector", "metadata": {"name": hostname},
+             "spec": {"hostname": hostname, "proxyClass": "ours",
+                      "subnetRouter": {"advertiseRoutes": [SERVICE_CIDR]}}})
+    c.tailnet.cli(c.client, "set", "--accept-routes")
+    c.wait_for(lambda: c.tailnet is not None and c.tailnet.node_by_name(hostname), 120,
+                      f"the connector {hostname} in headscale")
+    c.wait_for(lambda: SERVICE_CIDR in (node_routes := (c.tailnet.node_by_name(hostname) or {}))
+               .get("available_routes", []) or node_routes.get("announced_routes", []), 60,
+               "the connector to announce the route")
+    assert c.tailnet.fetch(c.client.ns, f"http://{ip}/", timeout=3) is None  # not approved: no route
+    c.tailnet.approve_routes(hostname, SERVICE_CIDR)
+    e = Exposed(ns, "web", time.monotonic(), secret={"device_ips": json.dumps([ip])})
+    body = fetch_through_tailnet(c, e, REACH_TIMEOUT)
+    assert body is not None and body.startswith("web "), c.tailnet.node_by_name(hostname)
+    print(f"\nconnector: {SERVICE_CIDR} approved; {ip} -> {body}")
