@@ -1,7 +1,7 @@
 # Everything assumes scripts/install-deps.sh has run (.ci/run does it).
 PY := .venv/bin/python
 
-.PHONY: test unit lint bench go demo
+.PHONY: test unit lint bench go demo demo-k8s
 test: lint go
 	CI=$${CI:-false} .venv/bin/pytest -q
 
@@ -24,3 +24,10 @@ demo:
 	scripts/install-deps.sh
 	scripts/build-go.sh >/dev/null
 	$(PY) scripts/demo.py
+
+demo-k8s:
+	scripts/install-deps.sh
+	scripts/docker-engine.sh
+	scripts/build-go.sh >/dev/null
+	scripts/k8s-images.sh >/dev/null
+	$(PY) scripts/demo_k8s.py

@@ -22,6 +22,13 @@ out=$CACHE/k8s-images
 mkdir -p "$out"
 scripts/docker-engine.sh >&2
 
+# Runs a command with the classic builder, showing its output only when it fails (the builder's deprecation
+# notice otherwise fills the terminal).
+quiet() {
+  local out
+  out=$(DOCKER_BUILDKIT=0 "$@" 2>&1) || { echo "$out" >&2; return 1; }
+}
+
 pause_src=$CACHE/go/mod/k8s.io/kubernetes@$KUBERNETES_VERSION/build/pause/linux/pause.c
 if [ ! -s "$out/pause.tar" ]; then
   [ -f "$pause_src" ] || scripts/build-go.sh >/dev/null  # the Kubernetes build puts that module in the cache
@@ -30,7 +37,7 @@ if [ ! -s "$out/pause.tar" ]; then
   gcc -Os -static -Wall -Werror -DVERSION="$KUBERNETES_VERSION" -o "$ctx/pause" "$pause_src"
   strip "$ctx/pause"
   printf 'FROM scratch\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT ["/pause"]\n' > "$ctx/Dockerfile"
-  DOCKER_BUILDKIT=0 docker build -q -t "containerboot-lab/pause:$KUBERNETES_VERSION" "$ctx" >/dev/null
+  quiet docker build -q -t "containerboot-lab/pause:$KUBERNETES_VERSION" "$ctx"
   docker save -o "$out/pause.tar.tmp" "containerboot-lab/pause:$KUBERNETES_VERSION"
   mv "$out/pause.tar.tmp" "$out/pause.tar"
   rm -rf "$ctx"
@@ -60,7 +67,7 @@ for variant in legacy nft; do
            'ln -sf /usr/sbin/$t-legacy$s /etc/alternatives/$t$s; done; done'
     fi
   } > "$ctx/Dockerfile"
-  DOCKER_BUILDKIT=0 docker build -q -t "containerboot-lab:upstream-$variant" "$ctx" >/dev/null
+  quiet docker build -q -t "containerboot-lab:upstream-$variant" "$ctx"
   docker save -o "$out/upstream-$variant.tar.tmp" "containerboot-lab:upstream-$variant"
   mv "$out/upstream-$variant.tar.tmp" "$out/upstream-$variant.tar"
   rm -rf "$ctx"

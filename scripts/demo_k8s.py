@@ -1,0 +1,110 @@
+"""The second main job: the Tailscale operator's proxies on a real single-node Kubernetes whose kube-proxy runs in
+nftables mode (tests/lab/cluster.py), the seed's case run once with each image side by side: a LoadBalancer
+Service of class tailscale in front of a web server pod, and a tailnet client fetching the page through the
+operator's proxy. Prints the lab's start time and, per image, the time from Service created to page fetched,
+what containerboot chose and where its rules are. Cleans up after itself.
+
+Run as root: `make demo-k8s` (it builds the Go components and the images first).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.k8s.conftest import expose, labels_of, unique, wait_pod_ready, wait_proxy, web_pod  # noqa: E402
+from tests.lab.cluster import OPERATOR_NS, Cluster, missing  # noqa: E402
+
+VARIANTS = [
+    ("ours", "this project's image"),
+    ("upstream-legacy", "upstream's containerboot, iptables = legacy (the seed's image)"),
+    ("upstream-nft", "upstream's containerboot, iptables = nf_tables"),
+]
+REACH_TIMEOUT = 60.0
+
+
+def say(text: str) -> None:
+    print(f"demo-k8s: {text}", flush=True)
+
+
+def decision(log: str) -> str:
+    """containerboot's own line about its firewall choice."""
+    for line in log.splitlines():
+        if "Configuration: " in line:
+            return line.split("Configuration: ", 1)[1][:220]
+    picks = [line.split(" ", 3)[-1] for line in log.splitlines()
+             if "choosing" in line or "firewall mode" in line or "netfilter running in" in line]
+    return "; ".join(picks[:3]) or "(no firewall line in its log)"
+
+
+def run_variant(c: Cluster, proxy_class: str, what: str) -> tuple[float | None, str]:
+    assert c.tailnet is not None and c.client is not None
+    ns = c.apply({"apiVersion": "v1", "kind": "Namespace",
+                  "metadata": {"name": unique(proxy_class)}})["metadata"]["name"]
+    web_pod(c, ns, "web")
+    wait_pod_ready(c, ns, "web")
+    say(f"[{proxy_class}] {what}: creating Service {ns}/web (type LoadBalancer, loadBalancerClass tailscale)")
+    e = wait_proxy(c, expose(c, ns, "web", proxy_class, unique(f"web-{proxy_class}")))
+    assert e.secret is not None
+    joined = time.monotonic() - e.created
+    ip = json.loads(e.secret["device_ips"])[0]
+    say(f"[{proxy_class}] proxy {e.pod} joined the tailnet as {e.secret['device_fqdn']} {ip} "
+        f"({joined:.1f} s after the Service)")
+    deadline = time.monotonic() + REACH_TIMEOUT
+    body = None
+    while time.monotonic() < deadline and body is None:
+        body = c.tailnet.fetch(c.client.ns, f"http://{ip}/", timeout=2.0)
+        if body is None:
+            time.sleep(0.3)
+    reached = time.monotonic() - e.created if body else None
+    log = c.pod_log(OPERATOR_NS, e.pod, "tailscale")
+    say(f"[{proxy_class}] containerboot: {decision(log)}")
+    svc_ip = (c.get(f"/api/v1/namespaces/{ns}/services/web") or {}).get("spec", {}).get("clusterIP", "?")
+    nft = c.in_pod(OPERATOR_NS, e.pod, "nft", "list", "ruleset", check=False).stdout
+    legacy = c.in_pod(OPERATOR_NS, e.pod, "iptables-legacy-save", check=False).stdout
+    where = [name for name, text in (("nf_tables", nft), ("legacy iptables", legacy)) if svc_ip in text]
+    say(f"[{proxy_class}] DNAT to the Service's cluster IP {svc_ip} is in: {', '.join(where) or 'nowhere'}")
+    if body:
+        say(f"[{proxy_class}] client fetched http://{ip}/ through the tailnet: {body!r}, "
+            f"{reached:.1f} s after the Service was created")
+    else:
+        say(f"[{proxy_class}] client got nothing from http://{ip}/ within {REACH_TIMEOUT:.0f} s")
+    c.delete(f"/api/v1/namespaces/{ns}/services/web")
+    c.wait_for(lambda: not c.list(f"/apis/apps/v1/namespaces/{OPERATOR_NS}/statefulsets", labels_of(ns, "web")),
+               60, "the proxy's StatefulSet to go")
+    return reached, where[0] if where else "nowhere"
+
+
+def main() -> int:
+    if os.geteuid() != 0:
+        say("needs root (network namespaces, a kubelet, containerd)")
+        return 2
+    lack = missing()
+    if lack:
+        say(f"missing: {', '.join(lack)}: run scripts/build-go.sh and scripts/k8s-images.sh")
+        return 2
+    say("starting the lab: headscale + admin-API shim, etcd, kube-apiserver, controller-manager, scheduler, "
+        "containerd, kubelet, kube-proxy (nftables), the operator, a tailnet client")
+    results: dict[str, tuple[float | None, str]] = {}
+    with Cluster() as c:
+        say("lab up in " + ", ".join(f"{k} {v:.1f} s" for k, v in c.timings.items()))
+        for proxy_class, what in VARIANTS:
+            results[proxy_class] = run_variant(c, proxy_class, what)
+        say("cleaning up (processes by pid, containers, mounts, cgroups, namespaces)")
+    say("summary: Service created -> page fetched through the tailnet")
+    for proxy_class, what in VARIANTS:
+        reached, where = results[proxy_class]
+        shown = f"{reached:.1f} s" if reached is not None else "no traffic"
+        say(f"  {proxy_class:16} {shown:>10}   rules in {where:16} {what}")
+    ours = results["ours"][0]
+    return 0 if ours is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
