@@ -31,6 +31,7 @@ from containerboot import (
     proxy,
     rules,
     serve,
+    services,
     system,
     tailscaled,
 )
@@ -93,7 +94,9 @@ class Boot:
         self.watch: BusWatch | None = None
         self.watch_id = 0
         self.servers: list[Any] = []
-        self.serve = serve.ServeWatcher(s.serve_config, self.api) if s.serve_config else None
+        self.ts_services = services.Services(s, self.api)  # Tailscale Services: cert share loops, advertisement
+        self.serve = serve.ServeWatcher(s.serve_config, self.api, on_change=self.ts_services.on_serve_config) \
+            if s.serve_config else None
         self.applied: Plan | None = None
         self.pending = False  # a plan that could not be applied yet (lock busy): retried on the tick
         self.notes: set[str] = set()
@@ -174,7 +177,7 @@ class Boot:
         env = tailscaled.child_env(os.environ)  # no secret variable reaches tailscaled
         s = self.s
         if s.cert_share:
-            env["TS_CERT_SHARE_MODE"] = "rw" if s.pod_name.endswith("-0") else "ro"
+            env["TS_CERT_SHARE_MODE"] = services.cert_share_mode(s)
         if s.userspace:
             return env
         try:
@@ -437,6 +440,8 @@ class Boot:
     # ---- events ------------------------------------------------------------------------------------
 
     def on_signal(self, signum: int, _frame: Any) -> None:
+        if self.shutting_down:
+            self.ts_services.interrupt()  # a second signal: stop waiting for the Services' failover
         self.stop_requested = signum
         self.events.put(Event("signal", signum))
         if self.blocking:
@@ -627,6 +632,7 @@ class Boot:
                 raise Exit(1, f"deleting authkey from Kubernetes Secret: {exc}") from exc
         self.open_watch(ipn.WATCH_MASK)
         self.start_config_watch()
+        self.ts_services.start()
         if self.kube is not None:
             self.kube.client.deadline = None  # steady state: each call bounded by its own timeout only
 
@@ -956,6 +962,7 @@ class Boot:
                 if self_changed:  # cert domains ride with DNS config, which a SelfChange may have changed
                     self.refresh_cert_domains()
                 self.poll_serve()
+        self.ts_services.on_netmap(self_changed)
         self.maybe_started()
 
     def maybe_started(self) -> None:
@@ -1030,22 +1037,6 @@ class Boot:
 
     # ---- shutdown ---------------------------------------------------------------------------------
 
-    def unadvertise(self) -> None:
-        try:
-            prefs = self.api.json("GET", "/localapi/v0/prefs", timeout=5) or {}
-        except (LocalAPIError, ValueError) as exc:
-            log.info(f"Error ensuring services are not advertised: {exc}")
-            return
-        services = prefs.get("AdvertiseServices") if isinstance(prefs, dict) else None
-        if not services:
-            return
-        log.info(f"unadvertising services: {services}")
-        try:
-            self.api.json("PATCH", "/localapi/v0/prefs", {"AdvertiseServicesSet": True, "AdvertiseServices": None},
-                          timeout=5)
-        except LocalAPIError as exc:
-            log.info(f"Error ensuring services are not advertised: {exc}")
-
     def shutdown(self, clean: bool) -> None:
         self.shutting_down = True
         self.blocking = False
@@ -1055,13 +1046,17 @@ class Boot:
             self.config_watch.close()
         for watch in self.service_watches:
             watch.close()
+        self.ts_services.stop()  # first: no advertisement may land after the unadvertise below
         if self.child is not None and self.child.proc.poll() is None:
             deadline = time.monotonic() + SHUTDOWN_TIMEOUT
-            if clean and self.heard_from_tailscaled:
-                self.unadvertise()  # a tailscaled that never answered has nothing advertised
+            failover = 0.0
+            if clean and self.heard_from_tailscaled:  # a tailscaled that never answered has nothing advertised
+                failover = self.ts_services.unadvertise(deadline)
             # Stopping tailscaled between its login and its last state write would leave a Secret
-            # it cannot recover from; upstream waits for all-or-nothing state, and so do we.
+            # it cannot recover from; upstream waits for all-or-nothing state, and so do we (during
+            # the failover wait: both must be over before tailscaled stops).
             self.wait_consistent_state(deadline)
+            self.ts_services.wait_failover(failover)
             log.info("Sending SIGTERM to tailscaled")
             self.child.terminate(max(1.0, deadline - time.monotonic()))
         if clean and self.driver is not None and self.applied is not None:

@@ -769,15 +769,6 @@ def _validate(s: Settings) -> Settings:
     if s.ingress_proxies_config_path and not in_kube_store:
         raise fail("TS_INGRESS_PROXIES_CONFIG_PATH",
                    "TS_INGRESS_PROXIES_CONFIG_PATH is only supported for Tailscale running on Kubernetes")
-    # Features the operator relies on that are read but not built yet: say so at every start, never
-    # look as if they worked (the README's Variables table says the same).
-    for name, value, missing in (
-            ("TS_EXPERIMENTAL_CERT_SHARE", s.cert_share,
-             "tailscaled gets TS_CERT_SHARE_MODE, but containerboot runs no certificate loops"),
-            ("TS_EXPERIMENTAL_SERVICE_AUTO_ADVERTISEMENT", s.serve_config and s.service_auto_advertisement,
-             "Tailscale Services in the serve config are not advertised (they are unadvertised at shutdown)")):
-        if value:
-            notes.append(f"[warning] {name} is not implemented yet in this containerboot: {missing}")
     if s.state_dir == "" and not s.kube_secret and not s.config_dir and (s.authkey or s.client_secret):
         notes.append("[warning] TS_STATE_DIR is not set: node state is kept in memory, so every restart "
                      "registers a new device; mount a volume and set TS_STATE_DIR to keep the node")

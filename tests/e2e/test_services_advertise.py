@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from containerboot import boot as boot_module
 from containerboot import log
 from containerboot.localapi import LocalAPI
 from containerboot.serve import ServeWatcher
@@ -170,11 +169,6 @@ def test_other_replica_runs_no_loop(api: LocalAPI, lines: list[str]) -> None:
     assert not any("cert share" in line or "certificate" in line for line in lines)
 
 
-# Boot drives the module once boot.py has the wiring (Boot.unadvertise gives way to services.unadvertise).
-NOT_WIRED = hasattr(boot_module.Boot, "unadvertise")
-
-
-@pytest.mark.xfail(NOT_WIRED, strict=True, reason="boot.py does not call containerboot/services.py yet")
 def test_containerboot_advertises_and_unadvertises(net: Tailnet, boot: Callable[..., Booted], tmp_path: Path) -> None:
     """The whole program: a serve config with Services is applied and advertised, the rw replica starts its
     cert loop, SIGTERM unadvertises and waits for the failover within the 25 s bound."""

@@ -305,7 +305,8 @@ def test_failures_back_off_and_log_once_per_step(standin: StandIn, lines: list[s
         steps = [(line.split("(retry ")[1].split(")")[0], line.rsplit("Will retry in ", 1)[1]) for line in failures]
         assert steps[:5] == [("1", "100ms"), ("2", "200ms"), ("3", "400ms"), ("4", "800ms"), ("5", "800ms")]
         assert "500 your Tailscale account does not support getting TLS certs" in failures[0]
-        assert len(failures) == standin.calls("GET", "/localapi/v0/cert/")  # one line per attempt
+        # One line per attempt; an attempt that stop() cut off in flight logs nothing (no failure to report).
+        assert standin.calls("GET", "/localapi/v0/cert/") - len(failures) in (0, 1)
         # (the stand-in closes its side of the last call on its own thread: a moment's grace)
         assert wait_for(lambda: len(os.listdir("/proc/self/fd")) == fds, 2), "a call left its socket open"
     finally:
