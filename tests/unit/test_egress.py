@@ -291,3 +291,99 @@ def test_cli_plan_includes_services(tmp_path: Any) -> None:
     proc = subprocess.run([containerboot_exe(), "plan", "--tailnet-ip", "100.64.0.1"], env=env, capture_output=True,
                           text=True, timeout=30)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "neither ip nor fqdn" in proc.stderr, proc.stderr
+
+
+# ---- the pre-stop drain against a loopback health check endpoint ----------------------------------------------
+
+
+class _HEP:
+    def __init__(self, header: str, value: str) -> None:
+        import http.server
+        import threading
+
+        self.hits = 0
+        hep = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                hep.hits += 1
+                self.send_response(200)
+                self.send_header(header, value)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/healthz"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def drain_for(tmp_path: Any, url: str, pings: int, pod: tuple[str, str] = ("10.1.0.5", ""),
+              **kw: Any) -> tuple[egress.Drain, list[str]]:
+    import threading
+
+    (tmp_path / "egress-services").write_bytes(cfg(web=svc("100.64.0.7", "", ("tcp", 1, 1), hep=url)))
+    (tmp_path / "hep-pings").write_text(str(pings))
+    lines: list[str] = []
+    opts: dict[str, Any] = {"short": 0.05, "long": 0.1, **kw}
+    return egress.Drain(str(tmp_path), pod, threading.Event(), log=lines.append, **opts), lines
+
+
+@pytest.mark.parametrize(("header", "value", "pod", "pings", "hits"), [
+    ("Pod-IPv4", "10.1.0.6", ("10.1.0.5", ""), 3, 3),  # another replica answers every ping: drained
+    ("Pod-IPv4", "10.1.0.5", ("10.1.0.5", ""), 0, 0),  # no pings asked for: nothing to check
+    ("Pod-IPv6", "FD00::5", ("", "fd00::5"), 2, 2),  # an IPv6-only Pod is matched by its header, any case
+])
+def test_drain_ends_when_no_answer_is_ours(tmp_path: Any, header: str, value: str, pod: tuple[str, str], pings: int,
+                                           hits: int) -> None:
+    hep = _HEP(header, value)
+    try:
+        d, lines = drain_for(tmp_path, hep.url, pings, pod)
+        if header == "Pod-IPv6":  # ours: it waits until the bound
+            d.bound = 0.3
+        assert d.answer() == (200, b"")
+        assert hep.hits >= hits
+        if header == "Pod-IPv6":
+            assert any("did not stop being routed" in ln for ln in lines), lines
+        else:
+            assert hep.hits == hits and any("no longer routed" in ln for ln in lines), lines
+    finally:
+        hep.close()
+
+
+def test_drain_unreachable_endpoint_counts_as_drained(tmp_path: Any) -> None:
+    d, lines = drain_for(tmp_path, "http://127.0.0.1:1/healthz", 2)
+    assert d.answer() == (200, b"")
+    assert any("can not be reached" in ln for ln in lines)
+
+
+def test_drain_stop_ends_it_at_once(tmp_path: Any) -> None:
+    import threading
+    import time
+
+    hep = _HEP("Pod-IPv4", "10.1.0.5")
+    try:
+        d, _ = drain_for(tmp_path, hep.url, 1, long=30.0, bound=30.0)
+        threading.Timer(0.3, d.stop.set).start()
+        t0 = time.monotonic()
+        assert d.answer() == (200, b"")
+        assert time.monotonic() - t0 < 3
+    finally:
+        hep.close()
+
+
+def test_drain_without_config_or_with_bad_pings(tmp_path: Any) -> None:
+    import threading
+
+    d = egress.Drain(str(tmp_path), ("10.1.0.5", ""), threading.Event())
+    assert d.answer() == (200, b"safe to terminate")
+    (tmp_path / "egress-services").write_bytes(cfg(web=svc("100.64.0.7")))
+    (tmp_path / "hep-pings").write_text("many")
+    status, body = d.answer()
+    assert status == 500 and b"is not an integer" in body
