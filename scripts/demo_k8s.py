@@ -4,13 +4,17 @@ Service of class tailscale in front of a web server pod, and a tailnet client fe
 operator's proxy. Prints the lab's start time and, per image, the time from Service created to page fetched,
 what containerboot chose and where its rules are. Cleans up after itself.
 
-Run as root: `make demo-k8s` (it builds the Go components and the images first).
+Run as root: `make demo-k8s` (it builds the Go components and the images first). With `--repeat N` it then
+measures Service created -> page fetched N more times for ours and for upstream's nf_tables image, alternating,
+and prints each run and the medians (the figure the README quotes).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -76,12 +80,16 @@ def run_variant(c: Cluster, proxy_class: str, what: str) -> tuple[float | None, 
     else:
         say(f"[{proxy_class}] client got nothing from http://{ip}/ within {REACH_TIMEOUT:.0f} s")
     c.delete(f"/api/v1/namespaces/{ns}/services/web")
-    c.wait_for(lambda: not c.list(f"/apis/apps/v1/namespaces/{OPERATOR_NS}/statefulsets", labels_of(ns, "web")),
+    c.wait_for(lambda: not c.list_items(f"/apis/apps/v1/namespaces/{OPERATOR_NS}/statefulsets", labels_of(ns, "web")),
                60, "the proxy's StatefulSet to go")
     return reached, where[0] if where else "nowhere"
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=0, metavar="N",
+                        help="then time ours vs upstream-nft N more times each, alternating (default 0)")
+    args = parser.parse_args()
     if os.geteuid() != 0:
         say("needs root (network namespaces, a kubelet, containerd)")
         return 2
@@ -96,12 +104,22 @@ def main() -> int:
         say("lab up in " + ", ".join(f"{k} {v:.1f} s" for k, v in c.timings.items()))
         for proxy_class, what in VARIANTS:
             results[proxy_class] = run_variant(c, proxy_class, what)
+        series: dict[str, list[float]] = {"ours": [], "upstream-nft": []}
+        for i in range(args.repeat):
+            for proxy_class in series:
+                reached, _ = run_variant(c, proxy_class, f"timing run {i + 1}/{args.repeat}")
+                if reached is not None:
+                    series[proxy_class].append(reached)
         say("cleaning up (processes by pid, containers, mounts, cgroups, namespaces)")
     say("summary: Service created -> page fetched through the tailnet")
     for proxy_class, what in VARIANTS:
         reached, where = results[proxy_class]
         shown = f"{reached:.1f} s" if reached is not None else "no traffic"
         say(f"  {proxy_class:16} {shown:>10}   rules in {where:16} {what}")
+    for proxy_class, values in series.items() if args.repeat else ():
+        shown = ", ".join(f"{v:.1f}" for v in values)
+        median = f"{statistics.median(values):.1f} s" if values else "n/a"
+        say(f"  {proxy_class:16} median {median} of {len(values)}/{args.repeat} runs: {shown}")
     ours = results["ours"][0]
     return 0 if ours is not None else 1
 

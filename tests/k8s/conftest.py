@@ -108,11 +108,12 @@ def expose(c: Cluster, ns: str, app: str, proxy_class: str, hostname: str) -> Ex
 def wait_proxy(c: Cluster, e: Exposed, timeout: float = 120) -> Exposed:
     """Waits for the operator's StatefulSet and for the proxy's state Secret to hold device_fqdn and device_ips."""
     sel = labels_of(e.ns, e.service)
-    e.sts = c.wait_for(lambda: next(iter(c.list(f"/apis/apps/v1/namespaces/{OPERATOR_NS}/statefulsets", sel)), None),
-                       60, f"the operator's StatefulSet for {e.ns}/{e.service}")
+    path = f"/apis/apps/v1/namespaces/{OPERATOR_NS}/statefulsets"
+    e.sts = c.wait_for(lambda: next(iter(c.list_items(path, sel)), None), 60,
+                       f"the operator's StatefulSet for {e.ns}/{e.service}")
 
     def secret() -> dict[str, str] | None:
-        for s in c.list(f"/api/v1/namespaces/{OPERATOR_NS}/secrets", sel):
+        for s in c.list_items(f"/api/v1/namespaces/{OPERATOR_NS}/secrets", sel):
             data = c.secret_data(OPERATOR_NS, s["metadata"]["name"])
             if data.get("device_fqdn") and data.get("device_ips"):
                 return data

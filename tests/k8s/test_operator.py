@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 
 import pytest
 
@@ -144,12 +145,12 @@ def test_deleting_the_service_removes_the_proxy_and_the_device(cluster: Cluster)
     sts = f"/apis/apps/v1/namespaces/{OPERATOR_NS}/statefulsets/{e.sts['metadata']['name']}"
     c.wait_for(lambda: c.get(sts) is None, 60, "the proxy's StatefulSet to go")
     # The operator deletes the device by the id in the proxy's Secret, through the admin API.
-    device_id = c.tailnet.node_by_name(hostname)
+    device_id = (c.tailnet.node_by_name(hostname) or {}).get("id")
     c.wait_for(lambda: c.tailnet is not None and "DELETE /api/v2/device/" in c.tailnet.api_log.read_text(), 60,
                "the operator's DELETE of the device")
     c.wait_for(lambda: c.tailnet is not None and c.tailnet.node_by_name(hostname) is None, 30,
                f"the device {hostname} to go from headscale")
-    print(f"\ndevice before the API delete: {device_id}\n{c.tailnet.api_log.read_text()}")
+    print(f"\ndevice {device_id} deleted; admin API calls:\n{c.tailnet.api_log.read_text()}")
 
 
 def run_pod(c: Cluster, ns: str, name: str, code: str, timeout: float = 60) -> str:
@@ -232,9 +233,12 @@ def test_connector_subnet_route_approved_in_headscale(cluster: Cluster) -> None:
     c.tailnet.cli(c.client, "set", "--accept-routes")
     c.wait_for(lambda: c.tailnet is not None and c.tailnet.node_by_name(hostname), 120,
                       f"the connector {hostname} in headscale")
-    c.wait_for(lambda: SERVICE_CIDR in (node_routes := (c.tailnet.node_by_name(hostname) or {}))
-               .get("available_routes", []) or node_routes.get("announced_routes", []), 60,
-               "the connector to announce the route")
+    tailnet = c.tailnet
+
+    def announced() -> bool:
+        node = tailnet.node_by_name(hostname) or {}
+        return SERVICE_CIDR in node.get("available_routes", []) + node.get("announced_routes", [])
+    c.wait_for(announced, 60, "the connector to announce the route")
     assert c.tailnet.fetch(c.client.ns, f"http://{ip}/", timeout=3) is None  # not approved: no route
     c.tailnet.approve_routes(hostname, SERVICE_CIDR)
     e = Exposed(ns, "web", time.monotonic(), secret={"device_ips": json.dumps([ip])})
@@ -286,12 +290,12 @@ def test_egress_proxygroup_two_replicas(cluster: Cluster) -> None:
         if not ext.endswith(".svc.cluster.local"):
             return None
         target = c.get(f"/api/v1/namespaces/{ext.split('.')[1]}/services/{ext.split('.')[0]}") or {}
-        slices = c.list(f"/apis/discovery.k8s.io/v1/namespaces/{OPERATOR_NS}/endpointslices",
+        slices = c.list_items(f"/apis/discovery.k8s.io/v1/namespaces/{OPERATOR_NS}/endpointslices",
                         f"kubernetes.io/service-name={ext.split('.')[0]}")
         ready = [ep for sl in slices for ep in sl.get("endpoints") or [] if ep.get("conditions", {}).get("ready")]
         return str(target["spec"]["clusterIP"]) if target and len(ready) == 2 else None
     try:
-        ips = {n: str(c.wait_for(lambda n=n: cluster_ip_of(n), 120, f"{n}: ClusterIP with 2 ready endpoints"))
+        ips = {n: str(c.wait_for(partial(cluster_ip_of, n), 120, f"{n}: ClusterIP with 2 ready endpoints"))
                for n in ("target1", "target2")}
     except TimeoutError as err:
         raise AssertionError(f"{err}\n{c.log('operator', 20)}\n"

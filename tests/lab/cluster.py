@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.lab.kubeapi import _make_ca, _make_cert, _openssl, _Process, _tail
-from tests.lab.netns import IP, Lab, sh, wait_until
+from tests.lab.netns import Lab, sh, wait_until
 from tests.lab.tailnet import Node, Tailnet, pinned
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -690,7 +690,7 @@ disabled_plugins = ["io.containerd.internal.v1.tracing", "io.containerd.snapshot
         s = self.get(f"/api/v1/namespaces/{ns}/secrets/{name}") or {}
         return {k: base64.b64decode(v).decode(errors="replace") for k, v in (s.get("data") or {}).items()}
 
-    def list(self, path: str, selector: str = "") -> list[dict[str, Any]]:
+    def list_items(self, path: str, selector: str = "") -> list[dict[str, Any]]:
         q = f"?labelSelector={urllib.parse.quote(selector)}" if selector else ""
         return list(self.ok("GET", path + q).get("items") or [])
 
@@ -773,7 +773,7 @@ disabled_plugins = ["io.containerd.internal.v1.tracing", "io.containerd.snapshot
         for t in tasks:
             sh(*ctr, "tasks", "kill", "-s", "SIGKILL", t, check=False, timeout=20)
         for t in tasks:
-            wait_until(lambda t=t: sh(*ctr, "tasks", "delete", t, check=False, timeout=20).returncode == 0  # type: ignore[misc]
+            wait_until(lambda t=t: sh(*ctr, "tasks", "delete", t, check=False, timeout=20).returncode == 0
                        or t not in sh(*ctr, "tasks", "ls", "-q", check=False, timeout=20).stdout.split(), timeout=10)
 
     def _kill_shims(self) -> None:
@@ -812,7 +812,7 @@ disabled_plugins = ["io.containerd.internal.v1.tracing", "io.containerd.snapshot
                 continue
             dirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
             for g in [*dirs, root]:
-                wait_until(lambda g=g: _rmdir(g), timeout=5)  # type: ignore[misc]
+                wait_until(lambda g=g: _rmdir(g), timeout=5)
 
     def __enter__(self) -> Cluster:
         return self
@@ -871,10 +871,3 @@ def proxy_class(name: str, image: str) -> dict[str, Any]:
                 "tailscaleContainer": {**pull, "env": [
                     {"name": "TS_KUBERNETES_READ_API_SERVER_ADDRESS_FROM_ENV", "value": "true"}]},
                 "tailscaleInitContainer": pull}}}}
-
-
-def wait_dir_gone(path: str, timeout: float = 10) -> bool:
-    return bool(wait_until(lambda: not os.path.exists(path), timeout=timeout))
-
-
-__all__ = ["IP", "Cluster", "K8sTailnet", "missing", "proxy_class", "resource_path"]
