@@ -70,7 +70,9 @@ def test_seed_case_with_our_image(cluster: Cluster) -> None:
     assert body is not None and body.startswith("web "), f"no page through the tailnet; proxy log:\n{log[-4000:]}"
     print(f"\nours: Service created -> page fetched through the tailnet in {reached:.1f} s")
     # containerboot chose nftables and says why; its rules are in nf_tables, nothing in legacy iptables.
-    assert "nftables" in log.lower(), log[-3000:]
+    why = next((line for line in log.splitlines() if "Configuration: " in line), "")
+    assert "firewall nftables" in why and "iptables -V" in why, log[-3000:]
+    print(f"ours: {why.split('Configuration: ', 1)[1]}")
     nft, legacy = proxy_rules(c, e)
     assert cluster_ip(c, e) in nft, nft
     assert "DNAT" not in legacy and "dnat" not in legacy.lower(), legacy
