@@ -212,6 +212,10 @@ class Client:
     def _connection(self, timeout: float) -> socket.socket:
         if self._conn is None:
             raw = socket.create_connection((self.host, self.port), timeout=timeout)
+            # A request larger than one TLS record (16 KiB: the status of 100 egress services) is two
+            # writes; with Nagle the second may wait for the server's delayed ACK (up to 40 ms). Go's
+            # clients set TCP_NODELAY as well.
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 # server_hostname may be an address: TLS then checks the certificate's IP SAN.
                 self._conn = self.tls.wrap_socket(raw, server_hostname=self.host)
