@@ -16,6 +16,7 @@ Run as root: `.venv/bin/python bench/bench_egress.py [--runs 3] [--sizes 100,100
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -23,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,15 +61,33 @@ def legacy_shim(d: Path) -> Path:
 
 
 def count_rules(ns: str, backend: str) -> int:
+    """DNAT rules (upstream: one per mapping) plus map elements (ours: one per mapping and map) in the kernel."""
     if backend == "nftables":
-        out = subprocess.run([IP, "netns", "exec", ns, "nft", "list", "ruleset"], capture_output=True, text=True).stdout
-        return sum(1 for ln in out.splitlines() if "dnat" in ln or " : " in ln)
+        out = subprocess.run([IP, "netns", "exec", ns, "nft", "-j", "list", "ruleset"], capture_output=True,
+                             text=True).stdout
+        count = 0
+        for obj in json.loads(out or '{"nftables": []}')["nftables"]:
+            if "rule" in obj and "dnat" in json.dumps(obj["rule"]["expr"]):
+                count += 1
+            elif "map" in obj:
+                count += len(obj["map"].get("elem") or ())
+        return count
     out = subprocess.run([IP, "netns", "exec", ns, "iptables-legacy-save", "-t", "nat"], capture_output=True,
                          text=True).stdout
     return sum(1 for ln in out.splitlines() if "DNAT" in ln)
 
 
-def one_run(api: KubeAPI, impl: str, n: int, backend: str) -> float:
+@dataclass
+class Replica:
+    run: Run
+    ns: str
+    cfg: Path
+    secret: Callable[[], dict[str, str]]
+
+
+@contextlib.contextmanager
+def replica(api: KubeAPI, impl: str, backend: str) -> Iterator[Replica]:
+    """A started replica (Startup complete) with an empty egress-services config, in a fresh namespace."""
     lab = Lab("eg")
     d = Path(tempfile.mkdtemp(prefix="cbe", dir="/tmp"))
     root = Root(d)
@@ -82,11 +103,12 @@ def one_run(api: KubeAPI, impl: str, n: int, backend: str) -> float:
         env = api.pod_files(d, kns, api.token(kns, "proxies"))
         port = env["KUBERNETES_SERVICE_PORT_HTTPS"]
         sock = d / "api.sock"
-        relays.append(subprocess.Popen(["socat", f"UNIX-LISTEN:{sock},fork,mode=600", f"TCP:127.0.0.1:{port}"]))
+        relays.append(subprocess.Popen(["socat", f"UNIX-LISTEN:{sock},fork,mode=600", f"TCP:127.0.0.1:{port},nodelay"]))
         while not sock.exists():
             time.sleep(0.01)
-        relays.append(subprocess.Popen([IP, "netns", "exec", ns, "socat",
-                                        f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr", f"UNIX-CONNECT:{sock}"]))
+        # nodelay on both relays (the same for both implementations): the API server's own socket has it.
+        relays.append(subprocess.Popen([IP, "netns", "exec", ns, "socat", f"TCP-LISTEN:{port},bind=127.0.0.1,fork,"
+                                        "reuseaddr,nodelay", f"UNIX-CONNECT:{sock}"]))
         deadline = time.monotonic() + 10
         while f"127.0.0.1:{port} " not in subprocess.run([IP, "netns", "exec", ns, "ss", "-Hltn"], capture_output=True,
                                                          text=True).stdout:
@@ -105,27 +127,13 @@ def one_run(api: KubeAPI, impl: str, n: int, backend: str) -> float:
         full = root.env(**env, TS_KUBE_SECRET="pg-0", POD_UID="uid-1", POD_NAME="pg-0", POD_IPS="10.1.0.5",
                         TS_USERSPACE="false", TS_AUTHKEY="tskey-auth-bench", TS_TEST_FAKE_NETFILTER="false",
                         TS_DEBUG_FIREWALL_MODE=backend, TS_EGRESS_PROXIES_CONFIG_PATH=str(cfg),
-                        TS_LOCAL_ADDR_PORT="127.0.0.1:9002", PATH=path)
+                        TS_LOCAL_ADDR_PORT="127.0.0.1:9002", PATH=path,
+                        TS_LOG_FORMAT="json" if impl == "ours" else "text")
         exe = binaries()["containerboot-upstream"] if impl == "upstream" else str(ROOT / ".venv/bin/containerboot")
         run = Run(full, argv=[IP, "netns", "exec", ns, exe])
-        run.wait_log("Startup complete, waiting for shutdown signal", timeout=60)
+        run.wait_contains("Startup complete, waiting for shutdown signal", timeout=60)  # text or JSON
         time.sleep(0.5)  # both have started their egress proxies (upstream: a goroutine after that line)
-        start = time.monotonic()
-        kubelet_publish(cfg, {"egress-services": json.dumps(config(n))}, 2)
-        while True:
-            raw = (api.get_secret(kns, "pg-0") or {}).get("egress-services")
-            if raw and len(json.loads(raw).get("services") or {}) == n:
-                took = time.monotonic() - start
-                break
-            if time.monotonic() - start > TIMEOUT:
-                raise RuntimeError(f"{impl}: no status for {n} services within {TIMEOUT:g} s")
-            if run.proc.poll() is not None:
-                raise RuntimeError(f"{impl} exited {run.proc.returncode}:\n{run.output[-3000:]}")
-            time.sleep(0.02)
-        rules = count_rules(ns, backend)
-        if rules < 2 * n:
-            raise RuntimeError(f"{impl}: {rules} DNAT rules/elements for {n} services ({2 * n} mappings)")
-        return took
+        yield Replica(run, ns, cfg, lambda: api.get_secret(kns, "pg-0") or {})
     except Exception:
         if run is not None:
             print(f"{impl} run failed; its output:\n" + run.output[-3000:], file=sys.stderr)
@@ -141,16 +149,91 @@ def one_run(api: KubeAPI, impl: str, n: int, backend: str) -> float:
         subprocess.run(["rm", "-rf", str(d)], check=False)
 
 
+def sync(r: Replica, n: int, generation: int, backend: str) -> float:
+    """Seconds from publishing n services until the Secret's status lists them all."""
+    start = time.monotonic()
+    kubelet_publish(r.cfg, {"egress-services": json.dumps(config(n))}, generation)
+    while True:
+        raw = r.secret().get("egress-services")
+        if raw and len(json.loads(raw).get("services") or {}) == n:
+            took = time.monotonic() - start
+            break
+        if time.monotonic() - start > TIMEOUT:
+            raise RuntimeError(f"no status for {n} services within {TIMEOUT:g} s")
+        if r.run.proc.poll() is not None:
+            raise RuntimeError(f"exited {r.run.proc.returncode}:\n{r.run.output[-3000:]}")
+        time.sleep(0.02)
+    rules = count_rules(r.ns, backend)
+    if rules < 2 * n:
+        raise RuntimeError(f"{rules} DNAT rules/elements for {n} services ({2 * n} mappings)")
+    return took
+
+
+def one_run(api: KubeAPI, impl: str, n: int, backend: str) -> float:
+    with replica(api, impl, backend) as r:
+        return sync(r, n, 2, backend)
+
+
+def sample(pid: int) -> dict[str, int]:
+    """Threads, open fds, RSS (KiB) of the process, and zombies among its children."""
+    fields = dict(ln.split(":", 1) for ln in Path(f"/proc/{pid}/status").read_text().splitlines())
+    zombies = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        state, ppid = text.rsplit(")", 1)[1].split()[:2]
+        zombies += state == "Z" and int(ppid) == pid
+    return {"threads": int(fields["Threads"]), "fds": len(os.listdir(f"/proc/{pid}/fd")),
+            "rss_kib": int(fields["VmRSS"].split()[0]), "zombies": zombies}
+
+
+def soak(api: KubeAPI, n: int, backend: str, seconds: float, every: float = 30.0) -> None:
+    """Ours with n services for `seconds`: someone flushes the NAT rules every `every` seconds; the rules
+    must come back each time, and threads, fds, RSS must not grow, nor zombies appear."""
+    flush = ["nft", "flush", "ruleset"] if backend == "nftables" else ["iptables-legacy", "-t", "nat", "-F"]
+    with replica(api, "ours", backend) as r:
+        sync(r, n, 2, backend)
+        pid = r.run.proc.pid
+        first = sample(pid)
+        print(f"soak start: {first}", flush=True)
+        end = time.monotonic() + seconds
+        worst: dict[str, int] = dict(first)
+        flushes = 0
+        while time.monotonic() < end:
+            time.sleep(max(0.0, min(every, end - time.monotonic())))
+            subprocess.run([IP, "netns", "exec", r.ns, *flush], check=True)
+            flushes += 1
+            t0 = time.monotonic()
+            while count_rules(r.ns, backend) < 2 * n:
+                if time.monotonic() - t0 > 15:
+                    raise RuntimeError(f"rules not back 15 s after flush {flushes}")
+                time.sleep(0.1)
+            back = time.monotonic() - t0
+            now = sample(pid)
+            worst = {k: max(worst[k], now[k]) for k in now}
+            print(f"flush {flushes}: rules back in {back:.1f} s; {now}", flush=True)
+        last = sample(pid)
+        print(f"soak {seconds:g} s, {n} services, {backend}, {flushes} flushes, rules back each time: start {first}, "
+              f"end {last}, max {worst}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--sizes", default="100,1000")
     parser.add_argument("--backend", default="nftables", choices=["nftables", "iptables"])
+    parser.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
+                        help="Instead: ours with 1,000 services for this long, a rule flush every 30 s")
     args = parser.parse_args()
     if os.geteuid() != 0 or not have_kube():
         print("bench_egress: needs root and the Go builds (scripts/build-go.sh)", file=sys.stderr)
         return 1
     with KubeAPI() as api:
+        if args.soak:
+            soak(api, 1000, args.backend, args.soak)
+            return 0
         for n in map(int, args.sizes.split(",")):
             times: dict[str, list[float]] = {"ours": [], "upstream": []}
             for _ in range(args.runs):
