@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from containerboot.settings import shown
-from firewall.model import IPAddress, addr_key
+from firewall.model import IPAddress
 
 SETTING = "TS_EGRESS_PROXIES_CONFIG_PATH"
 KEY_CONFIG = "egress-services"  # the file in the mounted dir, and the state Secret's status key
@@ -476,7 +476,3 @@ class Drain:
             self.log(f"Endpoint {url!r} can not be reached: {exc}, likely because there are no (more) healthy "
                      "backends")
             return None
-
-
-def sort_addrs(addrs: Iterable[IPAddress]) -> tuple[IPAddress, ...]:
-    return tuple(sorted(addrs, key=addr_key))
