@@ -144,12 +144,8 @@ class Series:
     def add(self, t: float, value: int) -> None:
         self.points.append((t, value))
 
-    def values(self, since: float = 0.0) -> list[int]:
-        return [v for t, v in self.points if t >= since]
-
-    def at(self, t: float) -> int:
-        """The first sample at or after `t`."""
-        return next(v for s, v in self.points if s >= t)
+    def values(self, since: float = 0.0, until: float = float("inf")) -> list[int]:
+        return [v for t, v in self.points if since <= t <= until]
 
     def summary(self) -> str:
         vs = self.values()
