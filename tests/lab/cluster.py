@@ -864,10 +864,13 @@ def resource_path(obj: dict[str, Any]) -> str:
 
 def proxy_class(name: str, image: str) -> dict[str, Any]:
     """A ProxyClass running `image` for the proxy and its sysctl init container, never pulled, finding the API
-    server from the environment (no cluster DNS here)."""
+    server from the environment (no cluster DNS here), uploading no logs."""
     pull = {"image": image, "imagePullPolicy": "IfNotPresent"}
     return {"apiVersion": "tailscale.com/v1alpha1", "kind": "ProxyClass", "metadata": {"name": name},
             "spec": {"statefulSet": {"pod": {
                 "tailscaleContainer": {**pull, "env": [
-                    {"name": "TS_KUBERNETES_READ_API_SERVER_ADDRESS_FROM_ENV", "value": "true"}]},
+                    {"name": "TS_KUBERNETES_READ_API_SERVER_ADDRESS_FROM_ENV", "value": "true"},
+                    # No log uploads: tailscaled would otherwise keep trying log.tailscale.com (the lab has no
+                    # route out, so nothing leaves, but the proxies' logs fill with it).
+                    {"name": "TS_NO_LOGS_NO_SUPPORT", "value": "true"}]},
                 "tailscaleInitContainer": pull}}}}
