@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 packages=(iptables nftables python3-nftables python3-venv python3-dev iproute2 curl ca-certificates
           socat procps openssl util-linux docker.io debootstrap qemu-user-static docker-registry
-          containerd runc containernetworking-plugins gcc libc6-dev)
+          containerd runc containernetworking-plugins gcc libc6-dev python3-yaml)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
