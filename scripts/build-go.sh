@@ -89,8 +89,8 @@ build_etcd() {
   mv "$etcd/server" "$etcd/etcd"  # go build names it after the path's last element before the /v3 suffix
 }
 
-# The Kubernetes commands to build. The module's tools.go also imports kubelet, kube-proxy,
-# kube-controller-manager and kube-scheduler, so go.sum covers them: adding one here is all it takes.
+# The Kubernetes commands to build: kube-apiserver for tests/lab/kubeapi.py, all five for tests/lab/cluster.py.
+# The module's tools.go imports each of them, so go.sum covers them.
 K8S_COMMANDS=(kube-apiserver kubelet kube-proxy kube-controller-manager kube-scheduler)
 
 # Builds the named commands that are missing, in one `go build`.
