@@ -132,8 +132,10 @@ def parse(data: bytes, path: str = KEY_CONFIG) -> Configs | None:
                 raise ConfigError(f"{pwhere}: expected {{protocol, matchPort, targetPort}}, got "
                                   f"{show(pm)}")
             proto = _field(pm, "protocol")
-            if proto not in ("tcp", "udp"):
-                raise ConfigError(f"{pwhere}.protocol {show(proto)}: must be tcp or udp")
+            # The operator writes Kubernetes' "TCP"/"UDP"; upstream hands them to iptables and nftables, which
+            # take either case. Kept as written, so the status echoes it (the operator compares it).
+            if not isinstance(proto, str) or proto.lower() not in ("tcp", "udp"):
+                raise ConfigError(f"{pwhere}.protocol {show(proto)}: must be tcp or udp (any case)")
             ports.add(PortSpec(proto, _port(_field(pm, "matchPort"), f"{pwhere}.matchPort"),
                                _port(_field(pm, "targetPort"), f"{pwhere}.targetPort")))
         hep = _field(cfg, "healthCheckEndpoint") or ""

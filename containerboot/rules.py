@@ -59,13 +59,14 @@ def egress_rules(resolved: Iterable[egress.Resolved], self_addrs: Sequence[IPAdd
                 continue
             done.add(fam)
             for pm in r.service.ports:
-                key = (fam, pm.protocol, pm.match_port)
+                proto = pm.protocol.lower()  # the config may say "TCP", as the operator writes it
+                key = (fam, proto, pm.match_port)
                 if key in owner:
-                    notes.append(f"egress services {owner[key]} and {name} both map {pm.protocol} port "
+                    notes.append(f"egress services {owner[key]} and {name} both map {proto} port "
                                  f"{pm.match_port} (IPv{fam}); {name}'s mapping is not installed")
                     continue
                 owner[key] = name
-                rules.append(PortMap(pm.protocol, pm.match_port, target, pm.target_port))
+                rules.append(PortMap(proto, pm.match_port, target, pm.target_port))
             rules.append(Snat(target, local))
             clamp.add(fam)
     rules += [MssClamp(fam) for fam in sorted(clamp)]

@@ -387,3 +387,16 @@ def test_drain_without_config_or_with_bad_pings(tmp_path: Any) -> None:
     (tmp_path / "hep-pings").write_text("many")
     status, body = d.answer()
     assert status == 500 and b"is not an integer" in body
+
+
+def test_operator_upper_case_protocol_is_accepted_and_echoed() -> None:
+    """The operator writes corev1.Protocol ("TCP"): the rules use the kernel's lower case, the status keeps
+    the operator's spelling (it compares the status with what it wrote)."""
+    services = egress.parse(cfg(web=svc("100.64.0.7", "", ("TCP", 80, 8080), ("UDP", 53, 53))))
+    assert services is not None
+    got, _ = egress.targets(services, PEERS, netmap(), True)
+    plan, notes = rules.plan(S, rules.Inputs(proxy.Inputs(SELF), got))
+    assert {r for r in plan.rules if isinstance(r, PortMap)} == {PortMap("tcp", 80, T4, 8080),
+                                                                  PortMap("udp", 53, T4, 53)} and not notes
+    ports = json.loads(egress.status_bytes(egress.status(got, ("10.1.0.5", ""))))["services"]["web"]["ports"]
+    assert {p["protocol"] for p in ports} == {"TCP", "UDP"}
