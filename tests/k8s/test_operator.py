@@ -86,11 +86,12 @@ def legacy_nat_in_kernel(c: Cluster, e: Exposed) -> bool:
 def test_upstream_containerboot_with_legacy_iptables(cluster: Cluster) -> None:
     """The image the seed's author had: upstream's containerboot, `iptables` the legacy variant. Upstream picks
     iptables without looking ("default choosing iptables") and its DNAT goes to legacy iptables, never to
-    nf_tables, where kube-proxy's rules are. Whether requests then get through depends on the kernel: with no
-    legacy nat table (the seed's host: an nf_tables-only node, where nothing loads the legacy modules and a
-    container cannot) the node joins and no request reaches the web server, which is asserted there; with one (this
-    machine's kernel has CONFIG_IP_NF_NAT=y built in) the legacy rules in the pod's own namespace work, and that
-    is asserted instead, so the test says which of the two this kernel is."""
+    nf_tables, where kube-proxy's rules are. Whether requests then get through depends on the kernel. Where the
+    pod's namespace has no legacy nat table (an nf_tables-only node, where nothing loads the legacy modules and a
+    container cannot: our reading of the seed's report, not verified here) the node joins and no request reaches
+    the web server, which is asserted there. Where it has one (this machine's kernel has CONFIG_IP_NF_NAT=y built
+    in) the legacy rules in the pod's own namespace work, and that is asserted instead, so the test says which
+    of the two this kernel is."""
     c = cluster
     ns = c.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": unique("legacy")}})["metadata"]["name"]
     web_pod(c, ns, "web")
@@ -110,7 +111,7 @@ def test_upstream_containerboot_with_legacy_iptables(cluster: Cluster) -> None:
         assert cluster_ip(c, e) not in nft, nft
         assert body is not None and body.startswith("web "), f"legacy rules:\n{legacy}\nlog:\n{log[-3000:]}"
         print("\nupstream-legacy: this kernel has a legacy nat table, so the legacy DNAT in the pod works; the seed's"
-              " failure (no legacy tables on the node) does not reproduce here")
+              " failure does not reproduce on this kernel")
     else:
         body = fetch_through_tailnet(c, e, NO_TRAFFIC_FOR)
         assert body is None, f"upstream with legacy iptables served {body!r}; log:\n{log[-3000:]}"
