@@ -8,7 +8,6 @@ only when missing.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 import uuid
@@ -42,8 +41,7 @@ def cluster() -> Iterator[Cluster]:
          "needs a Docker engine to build the images (scripts/docker-engine.sh)")
     t = time.monotonic()
     subprocess.run([str(ROOT / "scripts" / "build-go.sh")], check=True, capture_output=True)
-    env = {**os.environ}
-    images = subprocess.run([str(ROOT / "scripts" / "k8s-images.sh")], capture_output=True, text=True, env=env)
+    images = subprocess.run([str(ROOT / "scripts" / "k8s-images.sh")], capture_output=True, text=True)
     if images.returncode != 0:
         pytest.fail(f"scripts/k8s-images.sh failed:\n{images.stderr[-3000:]}")
     print(f"\nk8s lab: builds and images {time.monotonic() - t:.1f} s")
