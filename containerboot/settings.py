@@ -84,6 +84,9 @@ FILE_VARIABLES = {f"{name}_FILE": name for name in SECRETS}
 PASSED_THROUGH = {"TS_INTERNAL_APP", "TS_STATE", "TS_PERMIT_CERT_UID", "TS_NO_LOGS_NO_SUPPORT", "TS_LOG_TARGET",
                   "TS_LOGS_DIR", "TS_CERT_SHARE_MODE", "TS_TEST_RECORD_ARGS", "TS_TEST_SOCKET"}
 PASSED_PREFIXES = ("TS_DEBUG_", "TS_TEST_")
+# Set by the operator and read by nobody: the pinned operator still sets the name deprecated in 1.80
+# (proxygroup_specs.go) beside TS_EGRESS_PROXIES_CONFIG_PATH, which is the one containerboot reads.
+IGNORED = {"TS_EGRESS_SERVICES_CONFIG_PATH"}
 
 
 
@@ -491,7 +494,7 @@ def _read_text(path: str) -> str:
 
 
 def unknown_variable_notes(env: Mapping[str, str]) -> list[str]:
-    known = set(VARIABLES) | set(FILE_VARIABLES) | PASSED_THROUGH
+    known = set(VARIABLES) | set(FILE_VARIABLES) | PASSED_THROUGH | IGNORED
     notes = []
     for name in sorted(env):
         if name.startswith("TS_") and name not in known and not name.startswith(PASSED_PREFIXES):

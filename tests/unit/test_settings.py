@@ -316,3 +316,12 @@ def test_tailnet_ip_option_is_checked_like_ts_dest_ip(value: str, problem: str) 
     ok = CliRunner().invoke(main, ["plan", "--tailnet-ip", "100.64.0.1"],
                             env={"TS_USERSPACE": "false", "TS_DEST_IP": "10.0.0.5", "TS_TEST_FAKE_NETFILTER": "1"})
     assert ok.exit_code == 0 and "dnat 100.64.0.1 -> 10.0.0.5" in ok.output, ok.output
+
+
+def test_the_operators_deprecated_egress_variable_gets_no_warning() -> None:
+    """The pinned operator sets TS_EGRESS_SERVICES_CONFIG_PATH beside TS_EGRESS_PROXIES_CONFIG_PATH on every
+    egress ProxyGroup Pod; nobody reads it, and a warning on every Pod would be noise."""
+    from containerboot.settings import unknown_variable_notes
+
+    assert unknown_variable_notes({"TS_EGRESS_SERVICES_CONFIG_PATH": "/etc/proxies/egress-services"}) == []
+    assert unknown_variable_notes({"TS_EGRESS_SERVICE_CONFIG_PATH": "x"}) != []
