@@ -250,10 +250,6 @@ def test_connector_subnet_route_approved_in_headscale(cluster: Cluster) -> None:
     print(f"\nconnector: {SERVICE_CIDR} approved; {ip} -> {body}")
 
 
-@pytest.mark.xfail(strict=True, reason="containerboot/egress.py rejects the operator's port protocol 'TCP' (it writes "
-                   "corev1.Protocol, upper case: 'ports[0].protocol \"TCP\": must be tcp or udp'), so no egress "
-                   "service is installed; lower-casing it alone is not enough: the operator wants the status ports "
-                   "DeepEqual to the config's (egress-eps.go), so the status must echo 'TCP' as given")
 def test_egress_proxygroup_two_replicas(cluster: Cluster) -> None:
     """An egress ProxyGroup of 2 replicas with our image and two egress Services: both replicas become ready (the
     operator checks pod_uid and device_fqdn in their Secrets), EndpointSlices appear, a cluster pod reaches the
