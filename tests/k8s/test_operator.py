@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import time
 from functools import partial
+from typing import Any
 
 import pytest
 
-from tests.k8s.conftest import Exposed, expose, unique, wait_pod_ready, wait_proxy, web_pod
-from tests.lab.cluster import OPERATOR_NS, Cluster
+from tests.k8s.conftest import Exposed, expose, labels_of, unique, wait_pod_ready, wait_proxy, web_pod
+from tests.lab.cluster import NO_LEGACY_XTABLES, NO_LEGACY_XTABLES_PROFILE, OPERATOR_NS, Cluster
 
 pytestmark = [pytest.mark.root, pytest.mark.docker]
 
@@ -20,8 +21,13 @@ NO_TRAFFIC_FOR = 20.0  # how long the failing image is given before "no traffic"
 
 def fetch_through_tailnet(c: Cluster, e: Exposed, timeout: float) -> str | None:
     """What the tailnet client gets from the proxy's first tailnet address on port 80 within `timeout`."""
-    assert c.tailnet is not None and c.client is not None and e.secret is not None
-    ip = json.loads(e.secret["device_ips"])[0]
+    assert e.secret is not None
+    return fetch_from(c, json.loads(e.secret["device_ips"])[0], timeout)
+
+
+def fetch_from(c: Cluster, ip: str, timeout: float) -> str | None:
+    """What the tailnet client gets from http://`ip`/ within `timeout` (None: nothing)."""
+    assert c.tailnet is not None and c.client is not None
     got: list[str | None] = [None]
 
     def attempt() -> bool:
@@ -48,12 +54,14 @@ def cluster_ip(c: Cluster, e: Exposed) -> str:
     return str(svc["spec"]["clusterIP"])
 
 
-def test_seed_case_with_our_image(cluster: Cluster) -> None:
-    c = cluster
+def seed_case_with_our_image(c: Cluster, proxy_class: str) -> tuple[Exposed, str]:
+    """The seed's case with our image through ProxyClass `proxy_class`: asserts the whole path (StatefulSet with
+    our image, device_fqdn and device_ips, the Service's status, the page fetched through the tailnet,
+    containerboot's nftables choice and its rules in nf_tables only); returns the proxy and its log."""
     ns = c.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": unique("ours")}})["metadata"]["name"]
     web_pod(c, ns, "web")
     wait_pod_ready(c, ns, "web")
-    e = wait_proxy(c, expose(c, ns, "web", "ours", unique("web-ours")))
+    e = wait_proxy(c, expose(c, ns, "web", proxy_class, unique("web-ours")))
     assert e.sts is not None and e.secret is not None
     # The operator made the proxy with our image (the ProxyClass's), and the Service shows the tailnet name.
     container = next(x for x in e.sts["spec"]["template"]["spec"]["containers"] if x["name"] == "tailscale")
@@ -68,14 +76,53 @@ def test_seed_case_with_our_image(cluster: Cluster) -> None:
     reached = time.monotonic() - e.created
     log = c.pod_log(OPERATOR_NS, e.pod, "tailscale")
     assert body is not None and body.startswith("web "), f"no page through the tailnet; proxy log:\n{log[-4000:]}"
-    print(f"\nours: Service created -> page fetched through the tailnet in {reached:.1f} s")
+    print(f"\n{proxy_class}: Service created -> page fetched through the tailnet in {reached:.1f} s")
     # containerboot chose nftables and says why; its rules are in nf_tables, nothing in legacy iptables.
     why = next((line for line in log.splitlines() if "Configuration: " in line), "")
     assert "firewall nftables" in why and "iptables -V" in why, log[-3000:]
-    print(f"ours: {why.split('Configuration: ', 1)[1]}")
+    print(f"{proxy_class}: {why.split('Configuration: ', 1)[1]}")
     nft, legacy = proxy_rules(c, e)
     assert cluster_ip(c, e) in nft, nft
     assert "DNAT" not in legacy and "dnat" not in legacy.lower(), legacy
+    return e, log
+
+
+def test_seed_case_with_our_image(cluster: Cluster) -> None:
+    seed_case_with_our_image(cluster, "ours")
+
+
+def proxy_container(sts: dict[str, Any]) -> dict[str, Any]:
+    return dict(next(x for x in sts["spec"]["template"]["spec"]["containers"] if x["name"] == "tailscale"))
+
+
+def assert_on_the_standin(sts: dict[str, Any]) -> None:
+    """The proxy container runs under the stand-in's seccomp profile (unprivileged, as a profile needs)."""
+    sc = proxy_container(sts).get("securityContext") or {}
+    assert sc.get("seccompProfile") == {"type": "Localhost", "localhostProfile": NO_LEGACY_XTABLES_PROFILE}, sc
+    assert sc.get("privileged") is False, sc
+
+
+def test_seed_case_with_our_image_without_legacy_xtables(cluster: Cluster) -> None:
+    """The seed's case with our image on the STAND-IN for a node whose kernel has no usable legacy xtables (the
+    node where upstream's legacy-iptables image fails: the test ..._with_legacy_iptables_without_legacy_xtables):
+    the proxy container runs under the seccomp profile of tests/lab/cluster.py's
+    no_legacy_xtables_profile, which makes legacy xtables' socket options fail with ENOPROTOOPT as such a kernel
+    does; this machine's kernel has legacy iptables built in, so the real thing cannot be had here. Everything
+    else is real. Inside that very container `iptables-legacy` fails as on such a kernel ("iptables who? (do you
+    need to insmod?)", libiptc's words for ENOPROTOOPT) while `nft` works; our containerboot picks nftables, says
+    why, and the page is fetched through the tailnet."""
+    c = cluster
+    e, _ = seed_case_with_our_image(c, f"ours-{NO_LEGACY_XTABLES}")
+    assert e.sts is not None
+    assert_on_the_standin(e.sts)
+    legacy = c.exec_in(OPERATOR_NS, e.pod, "tailscale", "iptables-legacy", "-t", "nat", "-L")
+    assert legacy.returncode != 0, legacy.stdout
+    assert "can't initialize iptables table `nat'" in legacy.stderr and "iptables who?" in legacy.stderr, \
+        legacy.stderr
+    nft = c.exec_in(OPERATOR_NS, e.pod, "tailscale", "nft", "list", "ruleset")
+    assert nft.returncode == 0 and cluster_ip(c, e) in nft.stdout, nft.stderr
+    print(f"ours-{NO_LEGACY_XTABLES}: in the proxy container, iptables-legacy -t nat -L: "
+          f"{legacy.stderr.strip().splitlines()[0]}; nft list ruleset: ok, the DNAT to {cluster_ip(c, e)} there")
 
 
 def legacy_nat_in_kernel(c: Cluster, e: Exposed) -> bool:
@@ -83,15 +130,15 @@ def legacy_nat_in_kernel(c: Cluster, e: Exposed) -> bool:
     return c.in_pod(OPERATOR_NS, e.pod, "iptables-legacy", "-t", "nat", "-S", check=False).returncode == 0
 
 
-def test_upstream_containerboot_with_legacy_iptables(cluster: Cluster) -> None:
-    """The image the seed's author had: upstream's containerboot, `iptables` the legacy variant. Upstream picks
-    iptables without looking ("default choosing iptables") and its DNAT goes to legacy iptables, never to
-    nf_tables, where kube-proxy's rules are. Whether requests then get through depends on the kernel. Where the
-    pod's namespace has no legacy nat table (an nf_tables-only node, where nothing loads the legacy modules and a
-    container cannot: our reading of the seed's report, not verified here) the node joins and no request reaches
-    the web server, which is asserted there. Where it has one (this machine's kernel has CONFIG_IP_NF_NAT=y built
-    in) the legacy rules in the pod's own namespace work, and that is asserted instead, so the test says which
-    of the two this kernel is."""
+def test_upstream_containerboot_with_legacy_iptables_on_this_kernel(cluster: Cluster) -> None:
+    """The image the seed's author had: upstream's containerboot, `iptables` the legacy variant, on this
+    machine's real kernel (no stand-in). Upstream picks iptables without looking ("default choosing iptables")
+    and its DNAT goes to legacy iptables, never to nf_tables, where kube-proxy's rules are. Whether requests
+    then get through depends on the kernel. This machine's kernel has legacy iptables built in
+    (CONFIG_IP_NF_IPTABLES=y, CONFIG_IP_NF_NAT=y), so the legacy rules in the pod's own namespace work, and that
+    is what is asserted here: the seed's failure does not happen on this kernel. Where the pod's namespace has
+    no legacy nat table the failure is asserted instead (that branch is what the stand-in test,
+    test_upstream_containerboot_with_legacy_iptables_without_legacy_xtables, shows on this machine)."""
     c = cluster
     ns = c.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": unique("legacy")}})["metadata"]["name"]
     web_pod(c, ns, "web")
@@ -116,6 +163,72 @@ def test_upstream_containerboot_with_legacy_iptables(cluster: Cluster) -> None:
         body = fetch_through_tailnet(c, e, NO_TRAFFIC_FOR)
         assert body is None, f"upstream with legacy iptables served {body!r}; log:\n{log[-3000:]}"
         print("\nupstream-legacy: no legacy nat table in this kernel; the node joined and no request got through")
+
+
+def test_upstream_containerboot_with_legacy_iptables_without_legacy_xtables(cluster: Cluster) -> None:
+    """The seed's failure, reproduced on a STAND-IN node: upstream's containerboot with legacy iptables (the seed's
+    image) where the kernel gives no legacy xtables, as on an nf_tables-only node that has not loaded ip_tables
+    (our reading of the seed's node, whose kernel we do not have). The stand-in: the proxy container runs
+    unprivileged (NET_ADMIN, NET_RAW) under the seccomp profile of tests/lab/cluster.py's
+    no_legacy_xtables_profile, which fails getsockopt/setsockopt of legacy xtables' options (SOL_IP/SOL_IPV6,
+    64/65) with ENOPROTOOPT, the error such a kernel gives; this machine's kernel has legacy iptables built in,
+    so the real thing cannot be had here (test_upstream_containerboot_with_legacy_iptables_on_this_kernel shows
+    what happens on it). Everything else (kubelet, containerd, kube-proxy in nftables mode, the operator,
+    headscale, upstream's containerboot and tailscaled) is real.
+
+    Asserted: the node joins the tailnet (the device is in headscale and upstream stored its device_id);
+    upstream picks iptables without looking, fails to install its DNAT ("installing ingress proxy rules: ...
+    can't initialize iptables table `nat': iptables who?"), exits, and the kubelet restarts it, again and
+    again; upstream never writes device_fqdn/device_ips (it writes them only once its rules are in), and the
+    tailnet client gets nothing from the node's tailnet address. The same node serves the page with our image:
+    test_seed_case_with_our_image_without_legacy_xtables."""
+    c = cluster
+    assert c.tailnet is not None
+    tailnet = c.tailnet
+    ns = c.apply({"apiVersion": "v1", "kind": "Namespace",
+                  "metadata": {"name": unique("nolegacy")}})["metadata"]["name"]
+    web_pod(c, ns, "web")
+    wait_pod_ready(c, ns, "web")
+    hostname = unique("web-nolegacy")
+    e = expose(c, ns, "web", f"upstream-legacy-{NO_LEGACY_XTABLES}", hostname)
+    sel = labels_of(ns, "web")
+    e.sts = c.wait_for(lambda: next(iter(c.list_items(f"/apis/apps/v1/namespaces/{OPERATOR_NS}/statefulsets", sel)),
+                                    None), 60, f"the operator's StatefulSet for {ns}/web")
+    assert e.sts is not None
+    assert proxy_container(e.sts)["image"] == "containerboot-lab:upstream-legacy"
+    assert_on_the_standin(e.sts)
+    # The node joins: in headscale, with tailnet addresses, and upstream stored its device_id before its rules.
+    node = c.wait_for(lambda: tailnet.node_by_name(hostname), 120, f"the proxy {hostname} in headscale")
+    ip = next(a for a in node.get("ip_addresses") or [] if ":" not in a)
+
+    def secret() -> dict[str, str] | None:
+        for s in c.list_items(f"/api/v1/namespaces/{OPERATOR_NS}/secrets", sel):
+            data = c.secret_data(OPERATOR_NS, s["metadata"]["name"])
+            if data.get("device_id"):
+                return data
+        return None
+    c.wait_for(secret, 60, "device_id in the proxy's Secret")
+
+    # Upstream fails to install its DNAT, exits, and is restarted.
+    def restarts() -> int:
+        pod = c.get(f"/api/v1/namespaces/{OPERATOR_NS}/pods/{e.pod}") or {}
+        return sum(int(x.get("restartCount", 0)) for x in pod.get("status", {}).get("containerStatuses") or []
+                   if x["name"] == "tailscale")
+    c.wait_for(lambda: restarts() >= 1 and "installing ingress proxy rules" in
+               c.pod_log(OPERATOR_NS, e.pod, "tailscale"), 90, "upstream to fail its rules and be restarted")
+    log = c.pod_log(OPERATOR_NS, e.pod, "tailscale")
+    assert "default choosing iptables" in log, log[-3000:]
+    failure = next(line for line in log.splitlines() if "installing ingress proxy rules" in line)
+    assert "-j DNAT" in failure and "can't initialize iptables table `nat'" in failure \
+        and "iptables who?" in failure, failure
+    # No traffic: nothing reaches the web server through the node's tailnet address.
+    body = fetch_from(c, ip, NO_TRAFFIC_FOR)
+    assert body is None, f"upstream with legacy iptables served {body!r} on the stand-in; log:\n{log[-3000:]}"
+    data = secret() or {}
+    assert not data.get("device_fqdn") and not data.get("device_ips"), sorted(data)
+    print(f"\nupstream-legacy-{NO_LEGACY_XTABLES} (stand-in): joined as {hostname} {ip}; restarted "
+          f"{restarts()} times; no page within {NO_TRAFFIC_FOR:.0f} s; its failure: "
+          f"{failure.split('boot: ', 1)[-1][:220]}")
 
 
 def test_upstream_containerboot_with_nf_tables_iptables(cluster: Cluster) -> None:

@@ -22,6 +22,11 @@ network is flat: pods keep their addresses on the LAN, and the LAN's nodes route
 access from the test process (which stays in the machine's namespace) goes through sockets opened in the node's
 namespace by a short-lived thread (setns).
 
+One piece is a stand-in: a node kernel without usable legacy xtables (the seed's nf_tables-only node). This
+machine's kernel has legacy iptables built in, so a pod's legacy rules work here; the ProxyClasses
+"<image>-no-legacy-xtables" run the proxy container under a seccomp profile that fails legacy xtables' socket
+options as such a kernel does (no_legacy_xtables_profile). The rest of the node stays what it is.
+
 `Cluster.close()` stops every process it started (by pid), removes the pods' containers, every mount under
 its directory, its cgroups (runc's mirror under the unified hierarchy too) and the namespaces.
 """
@@ -65,6 +70,12 @@ TAILNET_DOMAIN = "lab.ts.net"  # the operator only accepts MagicDNS names of the
 OPERATOR_NS = "tailscale"
 IMAGES = {"ours": "containerboot-lab:ours", "upstream-legacy": "containerboot-lab:upstream-legacy",
           "upstream-nft": "containerboot-lab:upstream-nft"}
+# The stand-in for a node kernel without legacy xtables (see no_legacy_xtables_profile): a seccomp profile in the
+# kubelet's seccomp directory, and per image a ProxyClass "<image>-no-legacy-xtables" whose proxy runs under it.
+NO_LEGACY_XTABLES = "no-legacy-xtables"
+NO_LEGACY_XTABLES_PROFILE = f"{NO_LEGACY_XTABLES}.json"  # relative to <kubelet root>/seccomp, as Localhost wants
+PROXY_CLASSES = {**{name: (image, False) for name, image in IMAGES.items()},
+                 **{f"{name}-{NO_LEGACY_XTABLES}": (image, True) for name, image in IMAGES.items()}}
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -530,6 +541,10 @@ disabled_plugins = ["io.containerd.internal.v1.tracing", "io.containerd.snapshot
                 for f in ("cpuset.cpus", "cpuset.mems"):
                     (g / f).write_text((h / f).read_text())
         (d / "pod-logs").mkdir()
+        # The stand-in profile, where a Localhost seccompProfile is looked up (<root-dir>/seccomp/<name>).
+        (self.kubelet_root / "seccomp").mkdir()
+        (self.kubelet_root / "seccomp" / NO_LEGACY_XTABLES_PROFILE).write_text(
+            json.dumps(no_legacy_xtables_profile(), indent=1))
         (d / "kubelet.yaml").write_text(json.dumps({
             "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
             "cgroupDriver": "cgroupfs", "cgroupRoot": self.cgroup, "failCgroupV1": False, "failSwapOn": False,
@@ -587,8 +602,8 @@ disabled_plugins = ["io.containerd.internal.v1.tracing", "io.containerd.snapshot
                       == 200, 60, "default ServiceAccount in the operator's namespace")
         # The default ProxyClass: the images are imported, never pulled (the operator's proxies ask Always), and
         # there is no cluster DNS, so proxies find the API server from the environment.
-        for name, image in IMAGES.items():
-            self.apply(proxy_class(name, image))
+        for name, (image, standin) in PROXY_CLASSES.items():
+            self.apply(proxy_class(name, image, no_legacy_xtables=standin))
         creds = self.dir / "oauth"
         creds.mkdir()
         (creds / "client_id").write_text("lab-client")
@@ -627,7 +642,7 @@ disabled_plugins = ["io.containerd.internal.v1.tracing", "io.containerd.snapshot
             binaries()["k8s-operator"]], env=env)
         self._wait("operator", lambda: self.tailnet is not None
                    and self.tailnet.node_by_name("tailscale-operator") is not None, timeout=90)
-        self.wait_for(lambda: all(self._proxyclass_ready(n) for n in IMAGES), 60, "ProxyClasses Ready")
+        self.wait_for(lambda: all(self._proxyclass_ready(n) for n in PROXY_CLASSES), 60, "ProxyClasses Ready")
 
     def _crd_established(self, plural: str) -> bool:
         status, crd = self.request("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/"
@@ -746,6 +761,29 @@ disabled_plugins = ["io.containerd.internal.v1.tracing", "io.containerd.snapshot
         """`argv` (a program of this machine) in the pod's network namespace."""
         return sh("nsenter", f"--net={self.pod_netns(ns, pod)}", "--", *argv, check=check)
 
+    def container_id(self, ns: str, pod: str, container: str) -> str:
+        """The id of the running container `container` of pod `ns`/`pod` (the newest start, after restarts)."""
+        running = {line.split()[0] for line in sh("ctr", "-a", self.sock, "-n", "k8s.io", "tasks", "ls",
+                                                  check=False).stdout.splitlines()[1:]
+                   if line.split()[-1:] == ["RUNNING"]}
+        for c in self._containers():
+            labels = c.get("Labels") or {}
+            if (labels.get("io.cri-containerd.kind") == "container" and c.get("ID") in running
+                    and labels.get("io.kubernetes.pod.name") == pod
+                    and labels.get("io.kubernetes.pod.namespace") == ns
+                    and labels.get("io.kubernetes.container.name") == container):
+                return str(c["ID"])
+        raise LookupError(f"no running container {container} in pod {ns}/{pod}")
+
+    def exec_in(self, ns: str, pod: str, container: str, *argv: str,
+                timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """`argv` (a program of the container's image) run inside the container, as `kubectl exec` would: runc
+        exec, so under the container's own capabilities and seccomp profile. Not checked: the caller reads the
+        return code."""
+        cid = self.container_id(ns, pod, container)
+        return sh("ctr", "-a", self.sock, "-n", "k8s.io", "tasks", "exec", "--exec-id", f"lab-{uuid.uuid4().hex[:8]}",
+                  cid, *argv, check=False, timeout=timeout)
+
     # -- teardown -----------------------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -862,15 +900,47 @@ def resource_path(obj: dict[str, Any]) -> str:
     return f"{base}/namespaces/{ns}/{plural}"
 
 
-def proxy_class(name: str, image: str) -> dict[str, Any]:
+def proxy_class(name: str, image: str, no_legacy_xtables: bool = False) -> dict[str, Any]:
     """A ProxyClass running `image` for the proxy and its sysctl init container, never pulled, finding the API
-    server from the environment (no cluster DNS here), uploading no logs."""
+    server from the environment (no cluster DNS here), uploading no logs. With `no_legacy_xtables` the proxy
+    container runs on the stand-in for a node without legacy xtables: under the seccomp profile
+    NO_LEGACY_XTABLES_PROFILE, which needs it unprivileged (containerd applies no seccomp profile to a privileged
+    container), with NET_ADMIN and NET_RAW added (containerd's default capabilities hold NET_RAW and MKNOD
+    already; its default device rules allow /dev/net/tun, which containerboot creates with mknod). The sysctl init
+    container stays privileged: it writes /proc/sys, which an unprivileged container sees read-only."""
     pull = {"image": image, "imagePullPolicy": "IfNotPresent"}
+    container: dict[str, Any] = {**pull, "env": [
+        {"name": "TS_KUBERNETES_READ_API_SERVER_ADDRESS_FROM_ENV", "value": "true"},
+        # No log uploads: tailscaled would otherwise keep trying log.tailscale.com (the lab has no
+        # route out, so nothing leaves, but the proxies' logs fill with it).
+        {"name": "TS_NO_LOGS_NO_SUPPORT", "value": "true"}]}
+    if no_legacy_xtables:
+        container["securityContext"] = {
+            "privileged": False, "capabilities": {"add": ["NET_ADMIN", "NET_RAW"]},
+            "seccompProfile": {"type": "Localhost", "localhostProfile": NO_LEGACY_XTABLES_PROFILE}}
     return {"apiVersion": "tailscale.com/v1alpha1", "kind": "ProxyClass", "metadata": {"name": name},
-            "spec": {"statefulSet": {"pod": {
-                "tailscaleContainer": {**pull, "env": [
-                    {"name": "TS_KUBERNETES_READ_API_SERVER_ADDRESS_FROM_ENV", "value": "true"},
-                    # No log uploads: tailscaled would otherwise keep trying log.tailscale.com (the lab has no
-                    # route out, so nothing leaves, but the proxies' logs fill with it).
-                    {"name": "TS_NO_LOGS_NO_SUPPORT", "value": "true"}]},
-                "tailscaleInitContainer": pull}}}}
+            "spec": {"statefulSet": {"pod": {"tailscaleContainer": container, "tailscaleInitContainer": pull}}}}
+
+
+# Socket option levels and the legacy xtables option numbers (linux/netfilter_ipv4/ip_tables.h, ip6_tables.h):
+# IPT_SO_SET_REPLACE = IPT_SO_GET_INFO = IPT_BASE_CTL = 64, IPT_SO_SET_ADD_COUNTERS = IPT_SO_GET_ENTRIES = 65;
+# the IP6T_ ones are the same numbers at level SOL_IPV6. No other IP or IPv6 option has these numbers.
+SOL_IP, SOL_IPV6 = 0, 41
+XTABLES_OPTNAMES = (64, 65)
+ENOPROTOOPT = 92
+
+
+def no_legacy_xtables_profile() -> dict[str, Any]:
+    """The stand-in for a node kernel without usable legacy xtables (an nf_tables-only node, ip_tables neither
+    built in nor loaded, the seed's node as we read it); this machine's kernel has them built in
+    (CONFIG_IP_NF_IPTABLES=y), so the real thing cannot be had here. A seccomp profile (the OCI/Docker format
+    the kubelet hands containerd for a Localhost profile) under which getsockopt/setsockopt of the legacy
+    xtables options (level SOL_IP or SOL_IPV6, option 64 or 65: how iptables-legacy reads and replaces a table)
+    fail with ENOPROTOOPT, the error such a kernel gives (no module registered those options); every other
+    system call is allowed, nf_tables' netlink included. Everything else on the node stays real."""
+    rules = [{"names": ["getsockopt", "setsockopt"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOPROTOOPT,
+              "args": [{"index": 1, "value": level, "op": "SCMP_CMP_EQ"},
+                       {"index": 2, "value": optname, "op": "SCMP_CMP_EQ"}],
+              "comment": f"legacy xtables option {optname} at level {level}: ENOPROTOOPT, as without ip_tables"}
+             for level in (SOL_IP, SOL_IPV6) for optname in XTABLES_OPTNAMES]
+    return {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": rules}  # no architectures: the native one
