@@ -366,7 +366,9 @@ def test_connector_subnet_route_approved_in_headscale(cluster: Cluster) -> None:
 def test_egress_proxygroup_two_replicas(cluster: Cluster) -> None:
     """An egress ProxyGroup of 2 replicas with our image and two egress Services: both replicas become ready (the
     operator checks pod_uid and device_fqdn in their Secrets), EndpointSlices appear, a cluster pod reaches the
-    tailnet client through each Service, and a deleted replica pod comes back with the same node identity."""
+    tailnet client through each Service, and a deleted replica pod drains through the pre-stop endpoint (the
+    kubelet calls it; the replica's log shows both Services no longer routed through it, then the wait for the
+    kube-proxies) and comes back with the same node identity."""
     c = cluster
     assert c.tailnet is not None and c.client is not None
     c.lab.serve(c.client.ns, "pg-target", "0.0.0.0", 8081)
@@ -421,6 +423,26 @@ def test_egress_proxygroup_two_replicas(cluster: Cluster) -> None:
     before = secrets[0]["device_id"] if "device_id" in secrets[0] else secrets[0]["device_fqdn"]
     old_uid = secrets[0]["pod_uid"]
     c.delete(f"/api/v1/namespaces/{OPERATOR_NS}/pods/{pg}-0")
+    # The kubelet calls the operator's pre-stop hook (GET /internal-egress-services-preshutdown on the replica's
+    # local port) and the replica logs its drain, which ends with the wait for other nodes' kube-proxies. Its
+    # log is read while the pod terminates: the kubelet removes a deleted pod's logs once it is gone.
+    seen = [""]
+
+    def drained() -> bool:
+        text = c.pod_log(OPERATOR_NS, f"{pg}-0", "tailscale", uid=old_uid)
+        seen[0] = text if len(text) > len(seen[0]) else seen[0]
+        return "before shutdown to ensure that kube proxies on all nodes" in seen[0]
+    try:
+        c.wait_for(drained, 60, f"replica {pg}-0's pre-stop drain in its log")
+    except TimeoutError as err:
+        raise AssertionError(f"{err}\n{seen[0][-3000:]}\n{c.log('kubelet', 20)}") from None
+    drain = [line for line in seen[0].splitlines() if "routed" in line or "before shutdown" in line]
+    assert any("Ensuring that cluster traffic for egress targets is no longer routed via this Pod" in line
+               for line in drain), drain
+    assert not any("did not stop being routed" in line for line in drain), drain
+    for name in ("target1", "target2"):  # the operator names each egress service <namespace>-<name>
+        assert any(f"service '{ns}-{name}' is no longer routed through this Pod" in line for line in drain), drain
+    print("\nreplica 0's pre-stop drain:\n  " + "\n  ".join(drain))
     c.wait_for(lambda: c.secret_data(OPERATOR_NS, f"{pg}-0").get("pod_uid") not in (None, "", old_uid), 120,
                "the replaced replica to write its pod_uid")
     c.wait_for(pg_ready, 120, f"ProxyGroup {pg} Ready again")

@@ -726,10 +726,11 @@ disabled_plugins = ["io.containerd.internal.v1.tracing", "io.containerd.snapshot
         proc = self.procs.get(name)
         return _tail(proc.log, lines) if proc else ""
 
-    def pod_log(self, ns: str, pod: str, container: str) -> str:
-        """A container's output as the kubelet stored it (every restart's file, oldest first)."""
+    def pod_log(self, ns: str, pod: str, container: str, uid: str = "*") -> str:
+        """A container's output as the kubelet stored it (every restart's file, oldest first), of every pod of
+        that name the kubelet still keeps logs of, or only of the one with `uid`."""
         out = []
-        for d in sorted((self.dir / "pod-logs").glob(f"{ns}_{pod}_*")):
+        for d in sorted((self.dir / "pod-logs").glob(f"{ns}_{pod}_{uid}")):
             for f in sorted((d / container).glob("*.log"), key=lambda p: int(p.stem) if p.stem.isdigit() else 0):
                 for line in f.read_text(errors="replace").splitlines():
                     parts = line.split(" ", 3)  # <time> <stream> <P|F> <text>
