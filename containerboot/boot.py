@@ -580,6 +580,8 @@ class Boot:
         s = self.s
         deadline = self.boot_deadline
         log.info("Starting tailscaled")
+        if tailscaled.remove_stale_socket(s.socket):
+            log.info(f"removed the stale tailscaled socket {s.socket} (nothing listened on it)")
         self.child = tailscaled.Tailscaled(tailscaled.tailscaled_argv(s), self.env, self.on_tailscaled_exit)
         log.info(f"Waiting for tailscaled socket at {s.socket}")
         problem = tailscaled.wait_for_socket(s.socket, deadline, lambda: self.child is not None

@@ -18,6 +18,8 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
+import stat
 import subprocess
 import threading
 import time
@@ -294,6 +296,35 @@ class Tailscaled:
         if self.proc.poll() is None:
             self.proc.kill()
         return self.proc.wait()
+
+
+def remove_stale_socket(path: str) -> bool:
+    """Remove a socket file nothing listens on; True if one was removed.
+
+    A restarted container keeps its filesystem, so the previous tailscaled's socket may still be there:
+    the wait below would end at once, before the new tailscaled listens, and the first LocalAPI call
+    would be refused. tailscaled removes that file itself when it starts; doing it before starting it
+    closes the race (which upstream has too). A socket something answers on is left alone."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+        return False
+    except ConnectionRefusedError:
+        try:
+            os.unlink(path)
+            return True
+        except OSError:
+            return False
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def wait_for_socket(path: str, deadline: float, alive: Callable[[], bool],

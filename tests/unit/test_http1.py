@@ -130,3 +130,4 @@ def test_which_finds_executables_on_path(tmp_path: Path, monkeypatch: pytest.Mon
     assert which("tool") == str(base / "b" / "tool") == shutil.which("tool")
     assert which("dir") is None and which("missing") is None
     assert which(str(base / "b" / "tool")) == str(base / "b" / "tool")
+
