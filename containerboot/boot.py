@@ -49,6 +49,7 @@ SHUTDOWN_TIMEOUT = 25.0
 REISSUE_WAIT = 600.0  # how long a proxy whose key was refused waits for the operator's new one
 REISSUE_POLL = 5.0
 BUS_MAX_BACKOFF = 30.0
+REFUSED_RETRY = 0.05  # a first watch refused (tailscaled not listening yet) is tried again this often
 BUS_MAX_DIAL_FAILURE = 60.0  # a watch that cannot be reopened for this long means tailscaled is gone
 LOGIN_STATE_WARNING = "login-state"  # health.LoginStateWarnable's code
 STATUS_RETRY_SECONDS = 5.0
@@ -474,17 +475,27 @@ class Boot:
         self.watch_mask = mask
         self.reconnect_at = None
         self.bus_backoff = 0.0
-        # Before Running, the boot deadline bounds the wait for tailscaled's answer too.
-        timeout = localapi.WATCH_OPEN_TIMEOUT
-        if not self.started:
-            timeout = max(0.05, min(timeout, self.boot_deadline - time.monotonic()))
-        try:
-            watch = self.api.watch(mask, timeout)
-        except LocalAPIError as exc:
-            if not self.started and time.monotonic() >= self.boot_deadline:
-                raise Exit(1, "reading tailscaled IPN bus: context deadline exceeded (TS_BOOT_TIMEOUT="
-                              f"{self.s.boot_timeout:g}s)") from exc
-            raise Exit(1, f"failed to watch tailscaled for updates: {exc}") from exc
+        while True:
+            # Before Running, the boot deadline bounds the wait for tailscaled's answer too.
+            timeout = localapi.WATCH_OPEN_TIMEOUT
+            if not self.started:
+                timeout = max(0.05, min(timeout, self.boot_deadline - time.monotonic()))
+            try:
+                watch = self.api.watch(mask, timeout)
+                break
+            except LocalAPIError as exc:
+                # tailscaled's socket file can exist a moment before it listens (a restart's old file, or
+                # bind before listen): refused or gone is retried until the boot deadline, every 50 ms.
+                not_yet = isinstance(exc.__cause__, (ConnectionRefusedError, FileNotFoundError))
+                if (not_yet and not self.started and not self.stop_requested
+                        and time.monotonic() + REFUSED_RETRY < self.boot_deadline
+                        and self.child is not None and self.child.proc.poll() is None):
+                    time.sleep(REFUSED_RETRY)
+                    continue
+                if not self.started and time.monotonic() >= self.boot_deadline:
+                    raise Exit(1, "reading tailscaled IPN bus: context deadline exceeded (TS_BOOT_TIMEOUT="
+                                  f"{self.s.boot_timeout:g}s)") from exc
+                raise Exit(1, f"failed to watch tailscaled for updates: {exc}") from exc
         self._attach(watch)
 
     def _attach(self, watch: BusWatch) -> None:
