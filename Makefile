@@ -1,7 +1,7 @@
 # Everything assumes scripts/install-deps.sh has run (.ci/run does it).
 PY := .venv/bin/python
 
-.PHONY: test unit lint bench go demo demo-k8s
+.PHONY: test unit lint bench go demo demo-k8s soak soak-nftables soak-iptables
 test: lint go
 	CI=$${CI:-false} .venv/bin/pytest -q
 
@@ -31,3 +31,11 @@ demo-k8s:
 	scripts/build-go.sh >/dev/null
 	scripts/k8s-images.sh >/dev/null
 	$(PY) scripts/demo_k8s.py
+
+# The 10-minute soak of issue 10: both backends at once (about 11 minutes); SOAK_SECONDS=600 unless set.
+# (make test runs the same tests for 90 s each.)
+soak: go
+	$(MAKE) -j2 --output-sync=target soak-nftables soak-iptables
+
+soak-nftables soak-iptables:
+	SOAK_SECONDS=$${SOAK_SECONDS:-600} .venv/bin/pytest -q -s -p no:cacheprovider tests/soak -k $(@:soak-%=%)
