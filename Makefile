@@ -16,6 +16,8 @@ bench: go
 	$(PY) bench/bench_apply.py
 	$(PY) bench/bench_boot.py
 	$(PY) bench/bench_kube.py
+	$(PY) bench/bench_egress.py
+	$(PY) bench/bench_egress.py --backend iptables
 
 go:
 	scripts/build-go.sh >/dev/null
