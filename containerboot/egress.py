@@ -145,19 +145,26 @@ def parse(data: bytes, path: str = KEY_CONFIG) -> Configs | None:
     return tuple(out)
 
 
-def read_config(directory: str) -> Configs | None:
-    """The config in the mounted dir; None when the file is missing or empty (upstream's getConfigs)."""
-    path = os.path.join(directory, KEY_CONFIG)
+def read_file(path: str, setting: str, limit: int = MAX_CONFIG) -> bytes | None:
+    """A mounted config file's bytes (egress or ingress services); None when it is missing; ConfigError
+    naming `setting` when it cannot be read or is larger than `limit`."""
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG + 1)
+            data = f.read(limit + 1)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise ConfigError(f"{SETTING}: {path}: {exc.strerror or exc}") from None
-    if len(data) > MAX_CONFIG:
-        raise ConfigError(f"{SETTING}: {path}: larger than {MAX_CONFIG >> 20} MiB")
-    return parse(data, path)
+        raise ConfigError(f"{setting}: {path}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise ConfigError(f"{setting}: {path}: larger than {limit >> 20} MiB")
+    return data
+
+
+def read_config(directory: str) -> Configs | None:
+    """The config in the mounted dir; None when the file is missing or empty (upstream's getConfigs)."""
+    path = os.path.join(directory, KEY_CONFIG)
+    data = read_file(path, SETTING)
+    return None if data is None else parse(data, path)
 
 
 def read_hep_pings(directory: str) -> int:

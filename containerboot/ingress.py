@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from containerboot.egress import show
+from containerboot import egress
+from containerboot.egress import read_file, show
 from firewall.model import IPAddress
 
 SETTING = "TS_INGRESS_PROXIES_CONFIG_PATH"
@@ -23,8 +24,8 @@ KEY_STATUS = "ingress-config.json"
 MAX_CONFIG = 16 << 20
 
 
-class ConfigError(ValueError):
-    """A config file that cannot be used, as one line naming the setting, the file and what is wrong."""
+# One error type for both service configs (read_file raises it for either).
+ConfigError = egress.ConfigError
 
 
 @dataclass(frozen=True)
@@ -99,16 +100,8 @@ def parse(data: bytes, path: str = KEY_STATUS) -> Configs | None:
 
 
 def read_config(path: str) -> Configs | None:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG + 1)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise ConfigError(f"{SETTING}: {path}: {exc.strerror or exc}") from None
-    if len(data) > MAX_CONFIG:
-        raise ConfigError(f"{SETTING}: {path}: larger than {MAX_CONFIG >> 20} MiB")
-    return parse(data, path)
+    data = read_file(path, SETTING, MAX_CONFIG)
+    return None if data is None else parse(data, path)
 
 
 def _mapping_json(m: VipMap) -> dict[str, str]:
