@@ -66,6 +66,8 @@ class Exit(Exception):
 
 @dataclass
 class Event:
+    """One thing for the main loop to handle, from a reader thread, a signal or a timer."""
+
     kind: str  # notify | bus-error | tailscaled-exit | signal | config-changed | services-changed
     value: Any = None
     watch: int = 0

@@ -41,6 +41,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, order=True)
 class PortSpec:
+    """One port of an egress service: the port a client uses and the port on the target."""
+
     protocol: str
     match_port: int
     target_port: int

@@ -30,12 +30,16 @@ ConfigError = egress.ConfigError
 
 @dataclass(frozen=True)
 class VipMap:
+    """One family's mapping: a Tailscale Service's VIP to the Kubernetes Service's cluster IP."""
+
     vip: IPAddress
     cluster_ip: IPAddress
 
 
 @dataclass(frozen=True)
 class Service:
+    """One ingress service of the config: its name and its mapping per family."""
+
     name: str
     v4: VipMap | None = None
     v6: VipMap | None = None

@@ -213,6 +213,8 @@ def _cert_error(exc: BaseException) -> CertError:
 
 @dataclass
 class _Loop:
+    """One Service domain's certificate loop: when it started and when it next asks."""
+
     domain: str
     since: float
     due: float | None = None  # None: waiting for the domain to be one of the node's cert domains

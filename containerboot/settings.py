@@ -308,6 +308,8 @@ CONFIG_FIELDS = {f.lower() for f in (
 
 @dataclass(frozen=True)
 class Settings:
+    """Every TS_* variable, parsed and checked once (`load`)."""
+
     authkey: str = field(default="", repr=False)
     client_id: str = ""
     client_secret: str = field(default="", repr=False)

@@ -41,6 +41,8 @@ class DetectionError(RuntimeError):
 
 @dataclass(frozen=True)
 class Census:
+    """How many rules one backend holds, and what they hint at."""
+
     rules: int
     hints: tuple[str, ...] = ()
     error: str | None = None  # the backend could not be read at all
@@ -48,6 +50,8 @@ class Census:
 
 @dataclass(frozen=True)
 class Detection:
+    """The backend chosen, the evidence for it, and the address families it serves."""
+
     backend: str
     evidence: tuple[str, ...]
     families: tuple[int, ...] = (4, 6)
@@ -92,6 +96,8 @@ UNKNOWN = "?"  # a fact not gathered yet
 
 @dataclass(frozen=True)
 class Facts:
+    """Everything detection learned from the system: the input of the pure `decide`."""
+
     override: str = ""  # TS_DEBUG_FIREWALL_MODE, lower case
     census: Mapping[str, Census] | None = None  # by backend
     version: str | None = UNKNOWN  # what `iptables -V` printed; None: no iptables on PATH

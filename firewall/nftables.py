@@ -533,6 +533,8 @@ def _guess(fam: int, chain: str, expr: list[Json]) -> Rule | str | None:
 
 @dataclass(frozen=True)
 class Listing:
+    """What one of our tables holds, read back from its listing."""
+
     rules: frozenset[Rule]  # map elements count only while a prerouting rule looks them up
     lookup: bool  # the prerouting chain holds the map lookup rule
     port_lookups: frozenset[Group] = frozenset()  # groups whose port maps both exist and are looked up
