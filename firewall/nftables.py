@@ -63,6 +63,9 @@ class Libnft(Protocol):
 
     def run(self, cmds: list[Json], terse: bool = False) -> list[Json]: ...
 
+    def release(self) -> None:
+        """Drop whatever is kept between commands (the next command starts afresh)."""
+
 
 class Raw:
     """JSON text that goes into a document as it is: 10,000 map elements joined as text cost a third of
@@ -109,18 +112,26 @@ class BindingLibnft:
             socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER).close()
         except OSError as exc:
             raise OSError(exc.errno, f"no netfilter netlink socket here ({exc.strerror})") from None
-        self._nft = Nftables()
-        self._nft.set_json_output(True)  # JSON out, and JSON in: libnftables parses the input as JSON first
+        self._new = Nftables
+        self._nft: Any = None  # the context, made by the first command after a release
 
     def run(self, cmds: list[Json], terse: bool = False) -> list[Json]:
-        old = self._nft.set_terse_output(terse)
-        try:
-            rc, out, err = self._nft.cmd(dumps(cmds))
-        finally:
-            self._nft.set_terse_output(old)
+        if self._nft is None:
+            self._nft = self._new()
+            self._nft.set_json_output(True)  # JSON out, and JSON in: libnftables parses the input as JSON first
+        self._nft.set_terse_output(terse)
+        rc, out, err = self._nft.cmd(dumps(cmds))
         if rc != 0:
             raise FirewallError(f"nftables: {err.strip()}")
         return _objects(json.loads(out)) if out else []
+
+    def release(self) -> None:
+        """Free the context, and with it the ruleset cache it keeps from its last command until the next
+        one: a write caches every table of the ruleset at about 0.5 MiB each, 3.5 MiB beside tailscaled's
+        six (measured in the boot benchmark). Kept, the cache makes our next change cheaper while nothing
+        else has changed the ruleset (13 ms instead of 25 ms for one change among 10,000 mappings); the
+        next command after a release makes a new context (0.1 ms) and fetches again."""
+        self._nft = None  # nft_ctx_free, now: nothing else refers to it
 
 
 class CliLibnft:
@@ -141,6 +152,9 @@ class CliLibnft:
         if proc.returncode != 0:
             raise FirewallError(f"nftables (nft -j): {proc.stderr.strip()}")
         return _objects(json.loads(proc.stdout)) if proc.stdout.strip() else []
+
+    def release(self) -> None:
+        pass  # each command is its own process
 
 
 def open_libnft(prefer: str | None = None) -> tuple[Libnft, str]:
@@ -765,6 +779,9 @@ class NftablesDriver:
         every 2 s costs one netlink round trip, not a listing of 10,000 map elements)."""
         gen = self._nl.generation()
         if gen is not None and self._cache is not None and self._cache[0] == gen:
+            # Nothing changed since: the quiet state a proxy spends its life in, when libnftables' cache
+            # of the ruleset is only memory held.
+            self.nft.release()
             return self._cache[1]
         rules: set[Rule] = set()
         for fam in self.families:
