@@ -124,7 +124,7 @@ class Boot:
         self.config_watch: configdir.DirWatch | None = None
         self.config_bytes: bytes | None = None
         # IPN bus reconnection (upstream's reconnectingIPNBusWatcher).
-        self.watch_mask = ipn.WATCH_MASK
+        self.watch_mask = ipn.watch_mask(self.follows_peers())
         self.watch_opened = 0.0
         self.reconnect_at: float | None = None
         self.bus_backoff = 0.0
@@ -469,6 +469,10 @@ class Boot:
         finally:
             self.blocking = outer
 
+    def follows_peers(self) -> bool:
+        """Whether rules depend on peers (upstream's condition for watching peer changes)."""
+        return bool(self.s.tailnet_target_fqdn or self.s.egress_proxies_config_path)
+
     def on_tailscaled_exit(self, code: int) -> None:
         self.events.put(Event("tailscaled-exit", code))
 
@@ -615,14 +619,14 @@ class Boot:
                 self.api.json("POST", "/localapi/v0/set-udp-gro-forwarding")
             except LocalAPIError as exc:
                 log.info(f"[unexpected] error enabling UDP GRO forwarding: {exc}")
-        self.open_watch(ipn.FIRST_WATCH_MASK)
+        self.open_watch(ipn.watch_mask(self.follows_peers(), first=True))
         warning = system.link_socket(s)
         if warning:
             log.warning(warning)
         if not s.config_file and not s.auth_once:
             self.close_watch()
             self.login(deadline)
-            self.open_watch(ipn.WATCH_MASK)
+            self.open_watch(ipn.watch_mask(self.follows_peers()))
         self.await_running(deadline)
         self.close_watch()
         if s.auth_once and not s.config_file:
@@ -645,7 +649,7 @@ class Boot:
                     store.delete_authkey()
             except kube.KubeError as exc:
                 raise Exit(1, f"deleting authkey from Kubernetes Secret: {exc}") from exc
-        self.open_watch(ipn.WATCH_MASK)
+        self.open_watch(ipn.watch_mask(self.follows_peers()))
         self.start_config_watch()
         self.ts_services.start()
         if self.kube is not None:

@@ -1,6 +1,6 @@
 """IPN bus notifications -> the node as containerboot needs to know it (pure).
 
-Watching with NotifyInitialStatus | NotifyPeerChanges | NotifyNoNetMap, the first notification
+Watching with NotifyInitialStatus | NotifyNoNetMap (| NotifyPeerChanges), the first notification
 carries the whole status and later ones carry changes: SelfChange (a tailcfg.Node), PeersChanged
 (upserted by NodeID), PeersRemoved (NodeIDs). `update` folds one notification into a `Node`.
 """
@@ -15,19 +15,30 @@ from typing import Any
 from firewall.model import IPAddress
 
 STATES = ["NoState", "InUseOtherUser", "NeedsLogin", "NeedsMachineAuth", "Stopped", "Starting", "Running"]
-# NotifyInitialStatus | NotifyPeerChanges | NotifyNoNetMap; the first watch adds InitialPrefs | InitialHealthState.
-WATCH_MASK = (1 << 14) | (1 << 12) | (1 << 13)
-FIRST_WATCH_MASK = WATCH_MASK | (1 << 2) | (1 << 7)
+NOTIFY_INITIAL_PREFS, NOTIFY_INITIAL_HEALTH = 1 << 2, 1 << 7
+NOTIFY_PEER_CHANGES, NOTIFY_NO_NETMAP, NOTIFY_INITIAL_STATUS = 1 << 12, 1 << 13, 1 << 14
+
+
+def watch_mask(peers: bool, first: bool = False) -> int:
+    """Upstream's mask: the status first, then changes, never whole netmaps. Peer changes only when the
+    rules follow peers (a tailnet target by name, egress services): otherwise tailscaled would send every
+    peer's every change for nothing. The first watch, before login, also asks for prefs and health."""
+    mask = NOTIFY_INITIAL_STATUS | NOTIFY_NO_NETMAP | (NOTIFY_PEER_CHANGES if peers else 0)
+    return mask | (NOTIFY_INITIAL_PREFS | NOTIFY_INITIAL_HEALTH if first else 0)
 
 
 @dataclass(frozen=True)
 class Peer:
+    """A tailnet peer as the rules need it: its name and addresses."""
+
     name: str  # MagicDNS name with the trailing dot
     addrs: tuple[IPAddress, ...]
 
 
 @dataclass(frozen=True)
 class Node:
+    """This node as the IPN bus has described it so far (folded by `update`)."""
+
     self_known: bool = False
     stable_id: str = ""
     name: str = ""

@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from containerboot import ipn
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # Everything a kernel-mode boot with services, the health endpoint and the Kubernetes store may import.
@@ -58,3 +60,12 @@ def test_deferred_inspect_is_the_real_module_once_used() -> None:
     """)
     assert (out["doc"], out["signature"], out["real"]) == ("Bare(a: int)", "(x, y=1)", "module"), out
 
+
+def test_watch_mask_is_upstreams() -> None:
+    # ipn.NotifyInitialStatus | NotifyNoNetMap, with NotifyPeerChanges only when rules follow peers, and
+    # NotifyInitialPrefs | NotifyInitialHealthState on the first watch (tailscale.com/ipn/backend.go).
+    status, no_netmap, peers, prefs, health = 1 << 14, 1 << 13, 1 << 12, 1 << 2, 1 << 7
+    assert [ipn.watch_mask(False), ipn.watch_mask(True), ipn.watch_mask(False, first=True),
+            ipn.watch_mask(True, first=True)] == [status | no_netmap, status | no_netmap | peers,
+                                                  status | no_netmap | prefs | health,
+                                                  status | no_netmap | peers | prefs | health]
