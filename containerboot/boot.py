@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from containerboot import (
     configdir,
@@ -134,9 +134,8 @@ class Boot:
         self.services_on = False
         self.service_watches: list[configdir.DirWatch] = []
         self.egress_cfg: egress.Configs | None = None
-        self.egress_bytes: bytes | None = None
         self.ingress_cfg: ingress.Configs | None = None
-        self.ingress_bytes: bytes | None = None
+        self.service_files: dict[str, bytes | str | None] = {}  # by path: the bytes last read, or the error
         self.netmap_extra = egress.Netmap()
         self.egress_resolved: list[egress.Resolved] | None = None
         self.egress_written: dict[str, Any] | None = None
@@ -878,14 +877,13 @@ class Boot:
 
     def load_services(self) -> bool:
         """Read the config files again; True when the configs in force changed. A file that cannot be used
-        is logged in one line and the last good config stays in force."""
+        is logged in one line (once, until it changes) and the last good config stays in force."""
         s = self.s
         changed = False
         if s.egress_proxies_config_path:
             path = os.path.join(s.egress_proxies_config_path, egress.KEY_CONFIG)
-            data = configdir.read_bytes(path)
-            if data != self.egress_bytes:
-                self.egress_bytes = data
+            data = self.reread("egress", path, egress.SETTING, len(self.egress_cfg or ()))
+            if data is not False:
                 try:
                     cfg = egress.parse(data, path) if data is not None else None
                 except egress.ConfigError as exc:
@@ -896,19 +894,34 @@ class Boot:
                     log.info(f"egress services config: {len(cfg or ())} services")
         if s.ingress_proxies_config_path:
             path = s.ingress_proxies_config_path
-            data = configdir.read_bytes(path)
-            if data != self.ingress_bytes:
-                self.ingress_bytes = data
+            data = self.reread("ingress", path, ingress.SETTING, len(self.ingress_cfg or ()))
+            if data is not False:
                 try:
                     icfg = ingress.parse(data, path) if data is not None else None
                 except ingress.ConfigError as exc:
                     log.error(f"{exc}; keeping the {len(self.ingress_cfg or ())} ingress services in force")
                 else:
                     # None (no file) and () (an empty object) differ: upstream writes a status for the latter.
-                    changed = changed or icfg != self.ingress_cfg or (icfg is None) != (self.ingress_cfg is None)
+                    changed = changed or icfg != self.ingress_cfg
                     self.ingress_cfg = icfg
                     log.info(f"ingress services config: {len(icfg or ())} services")
         return changed
+
+    def reread(self, kind: str, path: str, setting: str, in_force: int) -> bytes | None | Literal[False]:
+        """A service config file's bytes when they changed since the last read (None: no file), else
+        False. A file that cannot be read (or is too large) is said once and keeps the config in force;
+        it is not taken for a missing file, which would remove every service."""
+        try:
+            data: bytes | str | None = egress.read_file(path, setting)
+        except egress.ConfigError as exc:
+            data = str(exc)
+        if data == self.service_files.get(path):  # (a file missing from the start is no change)
+            return False
+        self.service_files[path] = data
+        if isinstance(data, str):
+            log.error(f"{data}; keeping the {in_force} {kind} services in force")
+            return False
+        return data
 
     def on_services_changed(self) -> None:
         self.next_services_poll = time.monotonic() + SERVICES_POLL_SECONDS

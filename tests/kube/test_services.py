@@ -158,8 +158,19 @@ def test_target_move_and_bad_update(pod: Pod, start: Callable[..., Run]) -> None
     time.sleep(0.5)
     assert run.proc.poll() is None
     assert set(services(normalized(pod.secret()["egress-services"]))) == set(EGRESS)
+    # A config above 1 MiB (here padded with whitespace) is read whole, as `containerboot plan` reads it;
+    # one above 16 MiB is said to be too large, in one line, and the services stay.
+    grown = dict(EGRESS, grown={"tailnetTarget": {"ip": "100.64.0.8"},
+                                "ports": [{"protocol": "tcp", "matchPort": 9000, "targetPort": 90}]})
+    publish(pod.root.d / "egress", {"egress-services": json.dumps(grown) + " " * (3 << 19)}, 3)
+    wait_status(pod, "ts-proxy-0", "egress-services", lambda d: "grown" in services(d))
+    publish(pod.root.d / "egress", {"egress-services": json.dumps(EGRESS) + " " * (17 << 20)}, 4)
+    line = run.wait_contains("larger than 16 MiB", timeout=10)
+    assert "TS_EGRESS_PROXIES_CONFIG_PATH" in line and "keeping the 5 egress services in force" in line, line
+    time.sleep(1)
+    assert run.output.count("larger than 16 MiB") == 1  # not again at each re-read (every 10 s or on a change)
     # Every service leaves: upstream's empty status ("services": null) for this Pod.
-    publish(pod.root.d / "egress", {"egress-services": "{}"}, 3)
+    publish(pod.root.d / "egress", {"egress-services": "{}"}, 5)
     wait_status(pod, "ts-proxy-0", "egress-services", lambda d: d.get("services") is None)
 
 
