@@ -221,7 +221,7 @@ class Probes:
         return self._libnft
 
     def iptables(self) -> IptablesDriver:
-        """One driver (two worker processes) for every iptables probe and census of this detection."""
+        """One driver for every iptables probe and census of this detection."""
         if self._iptables is None:
             from firewall.iptables import IptablesDriver
 

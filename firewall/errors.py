@@ -1,5 +1,5 @@
-"""The firewall's errors, apart from the model so that the iptables worker can raise them without
-importing it (the worker imports nothing but the standard library and firewall/xtables.py)."""
+"""The firewall's errors, apart from the model so that the iptables driver's kernel side
+(firewall/iptables_kernel.py) raises them without importing the model."""
 
 
 class FirewallError(RuntimeError):

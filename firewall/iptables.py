@@ -6,13 +6,13 @@ Owned chains, each reached by one jump inserted at the top of its base chain:
   mangle FORWARD     -> CONTAINERBOOT-FORWARD      MSS clamp both ways on the tunnel
 
 A plan becomes `Spec`s (one per iptables rule, printed the way iptables-save prints it), and each
-Spec the kernel's entry bytes (`encode`). A `Server` per family (firewall/iptables_worker.py, in this
+Spec the kernel's entry bytes (`encode`). A `Server` per family (firewall/iptables_kernel.py, in this
 process) splices them into the table and commits it (one IPT_SO_SET_REPLACE per table, as
 iptables-legacy-restore does) and reads the owned chains back, as bytes that `decode` turns into
 Specs again. python-iptables built each rule as a graph of ctypes objects through libxtables: about
 170 µs a rule, 60x iptables-legacy-restore at 10,000 rules; and libxtables cannot hold both
 families' extensions in one process, which is why it had to fork per call. (A worker interpreter per
-family came next; the container's memory paid 12 MB for each: see iptables_worker.py.)
+family came next; the container's memory paid 12 MB for each: see iptables_kernel.py.)
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from firewall import xtables
-from firewall.iptables_worker import Server, call
+from firewall.iptables_kernel import Server, call
 from firewall.model import (
     TUN,
     Dnat,

@@ -1,4 +1,4 @@
-"""The iptables driver's kernel access runs in its own process (firewall/iptables_worker.py), with real
+"""The iptables driver's kernel access runs in its own process (firewall/iptables_kernel.py), with real
 kernel tables in fresh namespaces: many calls leak nothing and start no process, a held xtables lock is
 waited for within its bound, a threaded process whose threads hold locks is no problem (nothing forks),
 and an unknown rule in an owned chain reads as drift."""

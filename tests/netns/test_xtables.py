@@ -163,7 +163,7 @@ def test_the_drift_check_reads_only_what_changed(lab: Lab) -> None:
     out = json.loads(python(lab, ns, """
         import subprocess
         from firewall.iptables import OWNED, chain_entries
-        from firewall.iptables_worker import Server
+        from firewall.iptables_kernel import Server
         p = plan(4)
         server = Server(4)
         entries = chain_entries(p, 4)

@@ -22,7 +22,7 @@ from firewall.errors import FirewallBusy, FirewallError
 
 
 class Seen:
-    """A table as last reported to the parent: its info, its entries with counters zeroed (`blob`), where
+    """A table as last reported to the driver: its info, its entries with counters zeroed (`blob`), where
     the entries start, and the bytes last read (counters included), so that a table read again that did
     not change costs a comparison (or, when only counters moved, zeroing them at the known offsets)."""
 
