@@ -70,6 +70,9 @@ build_one() {  # arch, then the references to tag
   # One tailscaled binary that is also the CLI when called as `tailscale` (ts_include_cli): 20 MB smaller.
   cp "$bindir/tailscaled" "$ctx/bin/tailscaled"
   ln -s tailscaled "$ctx/bin/tailscale"
+  # setuptools builds the wheel from ./build/lib without emptying it: a module since renamed or deleted
+  # would ship in the image.
+  rm -rf build
   .venv/bin/pip wheel -q --no-deps --wheel-dir "$ctx/wheels" . >/dev/null
   local pyarch
   pyarch=$([ "$arch" = arm64 ] && echo aarch64 || echo x86_64)
