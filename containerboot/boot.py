@@ -136,7 +136,6 @@ class Boot:
         self.egress_cfg: egress.Configs | None = None
         self.ingress_cfg: ingress.Configs | None = None
         self.service_files: dict[str, bytes | str | None] = {}  # by path: the bytes last read, or the error
-        self.netmap_extra = egress.Netmap()
         self.egress_resolved: list[egress.Resolved] | None = None
         self.egress_written: dict[str, Any] | None = None
         self.ingress_written: dict[str, Any] | None = None
@@ -677,7 +676,6 @@ class Boot:
                 continue
             if ipn.is_netmap(ev.value):
                 self.node = ipn.update(self.node, ev.value)
-                self.fold_extra(ev.value)
             state = ipn.state_of(ev.value)
             if state == "Running":
                 return
@@ -719,7 +717,6 @@ class Boot:
             if ipn.is_netmap(ev.value):
                 self.netmap_at = ev.at
                 self.node = ipn.update(self.node, ev.value)
-                self.fold_extra(ev.value)
                 if self.node.self_known:
                     self.on_netmap(self_changed=bool(ev.value.get("SelfChange")))
             elif isinstance(ev.value.get("ErrMessage"), str):
@@ -727,15 +724,20 @@ class Boot:
 
     # ---- netmap processing ------------------------------------------------------------------------
 
-    def refresh_cert_domains(self) -> None:
+    def wants_dns_config(self) -> bool:
+        """Whether anything reads what a SelfChange may have changed in the DNS config: the serve config's
+        cert domains, or an egress service named by a name (a Tailscale Service is an extra record)."""
+        return bool(self.serve) or bool(self.services_on and self.egress_cfg
+                                        and any(svc.fqdn and not svc.ip for svc in self.egress_cfg))
+
+    def refresh_dns_config(self) -> None:
+        """After a SelfChange: the DNS config's cert domains and extra records (upstream asks the same)."""
         try:
-            cfg = self.api.json("GET", "/localapi/v0/dns-config") or {}
+            cfg = self.api.json("GET", "/localapi/v0/dns-config", timeout=5)
         except (LocalAPIError, ValueError) as exc:
             log.info(f"error refreshing DNS config from tailscaled: {exc}")
             return
-        domains = cfg.get("CertDomains") if isinstance(cfg, dict) else None
-        if isinstance(domains, list):
-            self.node = replace(self.node, cert_domains=tuple(str(d) for d in domains))
+        self.node = ipn.with_dns_config(self.node, cfg)
 
     def resolve_egress(self) -> None:
         name = self.s.tailnet_target_fqdn
@@ -823,32 +825,13 @@ class Boot:
 
     # ---- ProxyGroup services (egress and ingress) ----------------------------------------------------
 
-    def fold_extra(self, notify: dict[str, Any]) -> None:
-        """Peer AllowedIPs and DNS extra records, which only egress services need (Tailscale Service and
-        4via6 targets)."""
-        if self.s.egress_proxies_config_path:
-            self.netmap_extra = egress.fold(self.netmap_extra, notify)
-
-    def refresh_extra_records(self) -> None:
-        """After a SelfChange the DNS config may carry new extra records (upstream asks the same call)."""
-        if not (self.services_on and self.egress_cfg and any(svc.fqdn and not svc.ip for svc in self.egress_cfg)):
-            return
-        try:
-            cfg = self.api.json("GET", "/localapi/v0/dns-config", timeout=5)
-        except (LocalAPIError, ValueError) as exc:
-            self.note(f"egress services: error reading the DNS config from tailscaled: {exc}")
-            return
-        self.netmap_extra = egress.with_dns_config(self.netmap_extra, cfg)
-
     def service_inputs(self, families: Iterable[int]) -> tuple[list[egress.Resolved], ingress.Configs, list[str]]:
         if not self.services_on:
             return [], (), []
         resolved: list[egress.Resolved] = []
         notes: list[str] = []
         if self.egress_cfg:
-            peers = egress.peer_index((p.name, p.addrs) for p in self.node.peers.values())
-            resolved, notes = egress.targets(self.egress_cfg, peers, self.netmap_extra, self.node.self_known,
-                                             families)
+            resolved, notes = egress.targets(self.egress_cfg, self.node, families)
         return resolved, self.ingress_cfg or (), notes
 
     def start_services(self) -> None:
@@ -979,8 +962,8 @@ class Boot:
         # the operator publishes them as the Service's endpoint.
         self.store_device_id()
         self.resolve_egress()
-        if self_changed:
-            self.refresh_extra_records()
+        if self_changed and self.wants_dns_config():
+            self.refresh_dns_config()
         # Like upstream: an egress name that does not resolve yet means no rules and no device_fqdn for
         # now (the next netmap tries again), but the startup check below still runs.
         if not (self.s.tailnet_target_fqdn and not self.egress):
@@ -991,8 +974,6 @@ class Boot:
                 self.store_device_endpoints()
             self.health.set(bool(self.node.addrs) and not self.pending)
             if self.serve:
-                if self_changed:  # cert domains ride with DNS config, which a SelfChange may have changed
-                    self.refresh_cert_domains()
                 self.poll_serve()
         self.ts_services.on_netmap(self_changed)
         self.maybe_started()

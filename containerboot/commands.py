@@ -43,7 +43,7 @@ def _ips(values: Sequence[str], option: str) -> tuple[IPAddress, ...]:
 def _services(settings: Settings, families: Sequence[int]) -> tuple[Any, Any, list[str]]:
     """The egress services (IP targets only: names are resolved from the netmap at run time) and ingress
     services of the config files, as a replica reads them."""
-    from containerboot import egress, ingress
+    from containerboot import egress, ingress, ipn
 
     resolved: list[egress.Resolved] = []
     icfg: ingress.Configs | None = None
@@ -51,7 +51,7 @@ def _services(settings: Settings, families: Sequence[int]) -> tuple[Any, Any, li
     try:
         if settings.egress_proxies_config_path:
             cfg = egress.read_config(settings.egress_proxies_config_path) or ()
-            resolved, notes = egress.targets(cfg, {}, egress.Netmap(), False, families)
+            resolved, notes = egress.targets(cfg, ipn.Node(), families)
             notes += [f"egress service {svc.name}: target {svc.fqdn} is a name, resolved from the netmap at run "
                       "time; no rules for it here" for svc in cfg if svc.ip is None]
         if settings.ingress_proxies_config_path:

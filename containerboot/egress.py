@@ -20,9 +20,10 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from containerboot import ipn
 from containerboot.settings import shown
 from firewall.model import IPAddress
 
@@ -192,58 +193,20 @@ def read_hep_pings(directory: str) -> int:
 
 
 @dataclass(frozen=True)
-class Netmap:
-    """What target resolution needs from the netmap beyond ipn.Node: every peer's AllowedIPs and the DNS
-    extra records (a Tailscale Service is a DNS record whose address a peer carries as an AllowedIP)."""
+class Lookup:
+    """The netmap indexed once per resolution pass (1,000 services look up in it)."""
 
-    allowed: Mapping[int, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]] = field(default_factory=dict)
-    records: tuple[tuple[str, str], ...] = ()  # (name, value)
-
-
-def _nets(values: Iterable[Any] | None) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    out = []
-    for v in values or ():
-        try:
-            out.append(ipaddress.ip_network(str(v), strict=False))
-        except ValueError:
-            continue
-    return tuple(out)
+    names: Mapping[str, tuple[IPAddress, ...]]  # peers' addresses by bare lower-case MagicDNS name
+    singles: frozenset[IPAddress]  # every peer's single-address AllowedIPs (Tailscale Service VIPs among them)
+    routes6: tuple[ipaddress.IPv6Network, ...]  # IPv6 routes peers carry (4via6 targets)
+    records: tuple[tuple[str, str], ...]  # DNS extra records, (name, address)
 
 
-def _records(values: Any) -> tuple[tuple[str, str], ...]:
-    if not isinstance(values, list):
-        return ()
-    return tuple((str(r.get("Name", "")), str(r.get("Value", ""))) for r in values
-                 if isinstance(r, dict) and r.get("Type", "") in ("", "A", "AAAA"))
-
-
-def fold(nm: Netmap, notify: Mapping[str, Any]) -> Netmap:
-    """One IPN bus notification folded in (the same notifications ipn.update reads)."""
-    allowed, records = nm.allowed, nm.records
-    status = notify.get("InitialStatus")
-    if isinstance(status, Mapping):
-        fresh = {}
-        for p in (status.get("Peer") or {}).values():
-            if isinstance(p, Mapping) and isinstance(p.get("NodeID", p.get("ID")), int):
-                fresh[int(p.get("NodeID", p.get("ID")))] = _nets(p.get("AllowedIPs"))
-        allowed = fresh
-        records = _records(status.get("ExtraRecords"))
-    changed = [p for p in notify.get("PeersChanged") or () if isinstance(p, Mapping) and isinstance(p.get("ID"), int)]
-    removed = {i for i in notify.get("PeersRemoved") or () if isinstance(i, int)}
-    if changed or removed:
-        allowed = {k: v for k, v in allowed.items() if k not in removed}
-        for p in changed:
-            allowed[int(p["ID"])] = _nets(p.get("AllowedIPs"))
-    if allowed is nm.allowed and records is nm.records:
-        return nm
-    return Netmap(allowed, records)
-
-
-def with_dns_config(nm: Netmap, cfg: Any) -> Netmap:
-    """The extra records of /localapi/v0/dns-config (a tailcfg.DNSConfig), asked after a SelfChange."""
-    if not isinstance(cfg, Mapping):
-        return nm
-    return Netmap(nm.allowed, _records(cfg.get("ExtraRecords")))
+def lookup(node: ipn.Node) -> Lookup:
+    nets = [net for peer in node.peers.values() for net in peer.allowed]
+    return Lookup({_bare(p.name): p.addrs for p in node.peers.values() if p.name},
+                  frozenset(n.network_address for n in nets if n.prefixlen == n.max_prefixlen),
+                  tuple(n for n in nets if isinstance(n, ipaddress.IPv6Network)), node.extra_records)
 
 
 def _bare(name: str) -> str:
@@ -274,39 +237,32 @@ def via_address(name: str) -> ipaddress.IPv6Address | None:
     return ipaddress.IPv6Address(base | site << 32 | int(v4addr))
 
 
-def resolve(name: str, peers: Mapping[str, tuple[IPAddress, ...]], nm: Netmap) -> tuple[tuple[IPAddress, ...], str]:
+def resolve(name: str, lk: Lookup) -> tuple[tuple[IPAddress, ...], str]:
     """A tailnet FQDN's addresses: a peer's, else a Tailscale Service's, else a 4via6 name's; and, when
-    none, why (upstream's resolveTailnetFQDN). `peers` maps bare lower-case names to addresses."""
+    none, why (upstream's resolveTailnetFQDN)."""
     want = _bare(name)
-    found = peers.get(want)
+    found = lk.names.get(want)
     if found:
         return found, ""
-    singles = {net.network_address for nets in nm.allowed.values() for net in nets
-               if net.prefixlen == net.max_prefixlen}
     svc: list[IPAddress] = []
-    for rec_name, value in nm.records:
+    for rec_name, value in lk.records:
         if _bare(rec_name) != want:
             continue
         try:
             ip = ipaddress.ip_address(value)
         except ValueError:
             continue
-        if ip in singles:
+        if ip in lk.singles:
             svc.append(ip)
     if svc:
         return tuple(svc), ""
     via = via_address(name)
     if via is not None:
-        if any(via in net for nets in nm.allowed.values() for net in nets if net.version == 6):
+        if any(via in net for net in lk.routes6):
             return (via,), ""
         return (), f"resolved 4via6 address {via} for {name!r} but no peer advertises a route containing it"
     return (), (f"could not find Tailscale node, service or 4via6 address {name!r}; it either does not exist, "
                 "or not reachable because of ACLs")
-
-
-def peer_index(peers: Iterable[tuple[str, tuple[IPAddress, ...]]]) -> dict[str, tuple[IPAddress, ...]]:
-    """Peers by bare lower-case MagicDNS name, built once per netmap (1,000 services look up in it)."""
-    return {_bare(name): addrs for name, addrs in peers if name}
 
 
 @dataclass(frozen=True)
@@ -317,19 +273,21 @@ class Resolved:
     targets: tuple[IPAddress, ...]
 
 
-def targets(services: Configs, peers: Mapping[str, tuple[IPAddress, ...]], nm: Netmap, self_known: bool,
-            families: Iterable[int] = (4, 6)) -> tuple[list[Resolved], list[str]]:
-    """Each service's target addresses, IPv6 ones only where the host has IPv6 NAT; and notes."""
+def targets(services: Configs, node: ipn.Node, families: Iterable[int] = (4, 6)) -> tuple[list[Resolved], list[str]]:
+    """Each service's target addresses, IPv6 ones only where the host has IPv6 NAT; and notes. Names
+    resolve only once the node knows itself (before that the netmap is not there)."""
     v6 = 6 in set(families)
     out: list[Resolved] = []
     notes: list[str] = []
+    lk: Lookup | None = None
     for svc in services:
         if svc.ip is not None:
             found: tuple[IPAddress, ...] = (svc.ip,)
-        elif not self_known:
+        elif not node.self_known:
             found = ()
         else:
-            found, why = resolve(svc.fqdn, peers, nm)
+            lk = lk or lookup(node)
+            found, why = resolve(svc.fqdn, lk)
             if why:
                 notes.append(f"egress service {svc.name}: {why}")
         kept = tuple(a for a in found if a.version == 4 or v6)

@@ -2,7 +2,9 @@
 
 Watching with NotifyInitialStatus | NotifyNoNetMap (| NotifyPeerChanges), the first notification
 carries the whole status and later ones carry changes: SelfChange (a tailcfg.Node), PeersChanged
-(upserted by NodeID), PeersRemoved (NodeIDs). `update` folds one notification into a `Node`.
+(upserted by NodeID), PeersRemoved (NodeIDs). `update` folds one notification into a `Node`. The DNS
+config (cert domains, extra records) changes without a notification of its own: after a SelfChange it
+is asked for (/localapi/v0/dns-config) and folded in by `with_dns_config`, as upstream does.
 """
 
 from __future__ import annotations
@@ -27,12 +29,17 @@ def watch_mask(peers: bool, first: bool = False) -> int:
     return mask | (NOTIFY_INITIAL_PREFS | NOTIFY_INITIAL_HEALTH if first else 0)
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 @dataclass(frozen=True)
 class Peer:
-    """A tailnet peer as the rules need it: its name and addresses."""
+    """A tailnet peer as the rules need it: its name, addresses and AllowedIPs."""
 
     name: str  # MagicDNS name with the trailing dot
     addrs: tuple[IPAddress, ...]
+    # Its addresses, subnet routes, and the VIPs of the Tailscale Services it hosts (egress targets).
+    allowed: tuple[Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,8 @@ class Node:
     addrs: tuple[IPAddress, ...] = ()
     peers: Mapping[int, Peer] = field(default_factory=dict)
     cert_domains: tuple[str, ...] = ()
+    # DNS extra records, (name, address): a Tailscale Service is one, its VIP an AllowedIP of a peer.
+    extra_records: tuple[tuple[str, str], ...] = ()
 
     @property
     def cert_domain(self) -> str:
@@ -78,14 +87,33 @@ def _addrs(values: Iterable[Any] | None) -> tuple[IPAddress, ...]:
     return tuple(out)
 
 
+def _nets(values: Iterable[Any] | None) -> tuple[Network, ...]:
+    out = []
+    for value in values or ():
+        try:
+            out.append(ipaddress.ip_network(str(value), strict=False))
+        except ValueError:
+            continue
+    return tuple(out)
+
+
+def _records(values: Any) -> tuple[tuple[str, str], ...]:
+    """Address records of a DNS config's or a status's ExtraRecords (tailcfg.DNSRecord; "" means A/AAAA)."""
+    if not isinstance(values, list):
+        return ()
+    return tuple((str(r.get("Name", "")), str(r.get("Value", ""))) for r in values
+                 if isinstance(r, dict) and r.get("Type", "") in ("", "A", "AAAA"))
+
+
 def _peer(node: Mapping[str, Any]) -> tuple[int, Peer] | None:
-    """A peer from a tailcfg.Node (Name, Addresses) or an ipnstate.PeerStatus (DNSName, TailscaleIPs)."""
+    """A peer from a tailcfg.Node (ID, Name, Addresses) or an ipnstate.PeerStatus (NodeID, DNSName,
+    TailscaleIPs); both carry AllowedIPs."""
     node_id = node.get("ID") if isinstance(node.get("ID"), int) else node.get("NodeID")
     if not isinstance(node_id, int):
         return None
     name = node.get("Name") or node.get("DNSName") or ""
     addrs = _addrs(node.get("Addresses") if "Addresses" in node else node.get("TailscaleIPs"))
-    return node_id, Peer(str(name), addrs)
+    return node_id, Peer(str(name), addrs, _nets(node.get("AllowedIPs")))
 
 
 def update(node: Node, notify: Mapping[str, Any]) -> Node:
@@ -95,10 +123,10 @@ def update(node: Node, notify: Mapping[str, Any]) -> Node:
         if me:
             node = replace(node, self_known=True, stable_id=str(me.get("ID", "")), name=str(me.get("DNSName", "")),
                            addrs=_addrs(me.get("TailscaleIPs") or status.get("TailscaleIPs")))
+        # A watch's first status is the whole truth: peers it does not list are gone.
         peers = dict(p for p in map(_peer, (status.get("Peer") or {}).values()) if p)
-        if peers:
-            node = replace(node, peers=peers)
-        node = replace(node, cert_domains=tuple(status.get("CertDomains") or ()))
+        node = replace(node, peers=peers, cert_domains=tuple(status.get("CertDomains") or ()),
+                       extra_records=_records(status.get("ExtraRecords")))
     me = notify.get("SelfChange")
     if isinstance(me, Mapping):
         node = replace(node, self_known=True, stable_id=str(me.get("StableID", node.stable_id)),
@@ -110,6 +138,15 @@ def update(node: Node, notify: Mapping[str, Any]) -> Node:
         peers.update(changed)
         node = replace(node, peers=peers)
     return node
+
+
+def with_dns_config(node: Node, cfg: Any) -> Node:
+    """The cert domains and extra records of /localapi/v0/dns-config (a tailcfg.DNSConfig)."""
+    if not isinstance(cfg, Mapping):
+        return node
+    domains = cfg.get("CertDomains")
+    return replace(node, cert_domains=tuple(str(d) for d in domains) if isinstance(domains, list) else
+                   node.cert_domains, extra_records=_records(cfg.get("ExtraRecords")))
 
 
 def fqdn(name: str) -> str:

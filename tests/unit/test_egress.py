@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from containerboot import egress, ingress, proxy, rules
+from containerboot import egress, ingress, ipn, proxy, rules
 from containerboot.settings import Settings
 from firewall.model import Dnat, DnatNonTailnet, MssClamp, Plan, PortMap, Snat
 
@@ -91,16 +91,20 @@ def test_hep_pings(tmp_path: Any) -> None:
 # ---- resolution ---------------------------------------------------------------------------------------------
 
 
-def netmap(**kw: Any) -> egress.Netmap:
-    return egress.fold(egress.Netmap(), {"InitialStatus": {
-        "Peer": {"k1": {"NodeID": 7, "AllowedIPs": ["100.64.0.7/32", "fd7a:115c:a1e0::7/128"]},
-                 "k2": {"NodeID": 8, "AllowedIPs": ["100.64.0.8/32", "100.100.2.2/32", "10.1.0.0/24",
-                                                    "fd7a:115c:a1e0:b1a:0:7::/96"]}},
+def node(self_known: bool = True) -> ipn.Node:
+    """The node after a watch's first status: peer 7 is web.ts.net, peer 8 hosts the Tailscale Service
+    svc-db (its VIP 100.100.2.2 an AllowedIP) and routes 10.1.0.0/24 as 4via6 site 7."""
+    status: dict[str, Any] = {
+        "Peer": {"k1": {"NodeID": 7, "DNSName": "web.ts.net.", "TailscaleIPs": ["100.64.0.7", "fd7a:115c:a1e0::7"],
+                        "AllowedIPs": ["100.64.0.7/32", "fd7a:115c:a1e0::7/128"]},
+                 "k2": {"NodeID": 8, "DNSName": "db-host.ts.net.", "TailscaleIPs": ["100.64.0.8"],
+                        "AllowedIPs": ["100.64.0.8/32", "100.100.2.2/32", "10.1.0.0/24",
+                                       "fd7a:115c:a1e0:b1a:0:7::/96"]}},
         "ExtraRecords": [{"Name": "svc-db.ts.net.", "Value": "100.100.2.2"},
-                         {"Name": "svc-nobody.ts.net.", "Value": "100.100.3.3"}], **kw}})
-
-
-PEERS = egress.peer_index([("web.ts.net.", (a("100.64.0.7"), a("fd7a:115c:a1e0::7")))])
+                         {"Name": "svc-nobody.ts.net.", "Value": "100.100.3.3"}]}
+    if self_known:
+        status["Self"] = {"ID": "self", "DNSName": "me.ts.net.", "TailscaleIPs": ["100.64.0.1"]}
+    return ipn.update(ipn.Node(), {"InitialStatus": status})
 
 
 @pytest.mark.parametrize(("name", "want", "why"), [
@@ -113,25 +117,33 @@ PEERS = egress.peer_index([("web.ts.net.", (a("100.64.0.7"), a("fd7a:115c:a1e0::
     ("10-1-0-5-via-7.example.com", (), "could not find"),
 ])
 def test_resolve(name: str, want: tuple[str, ...], why: str) -> None:
-    got, reason = egress.resolve(name, PEERS, netmap())
+    got, reason = egress.resolve(name, egress.lookup(node()))
     assert got == tuple(map(a, want))
     assert why in reason if why else reason == ""
 
 
-def test_fold_follows_peer_changes() -> None:
-    nm = netmap()
-    nm = egress.fold(nm, {"PeersChanged": [{"ID": 9, "AllowedIPs": ["100.100.3.3/32"]}], "PeersRemoved": [8]})
-    assert egress.resolve("svc-nobody.ts.net", {}, nm)[0] == (a("100.100.3.3"),)
-    assert egress.resolve("svc-db.ts.net", {}, nm)[0] == ()
-    nm = egress.with_dns_config(nm, {"ExtraRecords": [{"Name": "svc-new.ts.net", "Value": "100.100.3.3"}]})
-    assert egress.resolve("svc-new.ts.net", {}, nm)[0] == (a("100.100.3.3"),)
+def test_peer_changes_and_the_dns_config_are_followed() -> None:
+    n = ipn.update(node(), {"PeersChanged": [{"ID": 9, "Name": "other.ts.net.", "Addresses": ["100.64.0.9/32"],
+                                              "AllowedIPs": ["100.64.0.9/32", "100.100.3.3/32"]}],
+                            "PeersRemoved": [8]})
+    assert egress.resolve("svc-nobody.ts.net", egress.lookup(n))[0] == (a("100.100.3.3"),)
+    assert egress.resolve("svc-db.ts.net", egress.lookup(n))[0] == ()  # its host left
+    n = ipn.with_dns_config(n, {"ExtraRecords": [{"Name": "svc-new.ts.net", "Value": "100.100.3.3"}],
+                                "CertDomains": ["me.ts.net"]})
+    assert egress.resolve("svc-new.ts.net", egress.lookup(n))[0] == (a("100.100.3.3"),)
+    assert egress.resolve("svc-nobody.ts.net", egress.lookup(n))[0] == ()  # no longer a record
+    assert n.cert_domains == ("me.ts.net",)
+    # A new watch's first status is the whole truth: a peer it does not list is gone.
+    n = ipn.update(n, {"InitialStatus": {"Self": {"ID": "self", "DNSName": "me.ts.net.",
+                                                   "TailscaleIPs": ["100.64.0.1"]}}})
+    assert n.peers == {} and n.extra_records == ()
 
 
 def test_targets_without_ipv6_nat_skip_ipv6() -> None:
     services = egress.parse(cfg(web=svc("", "web.ts.net", ("tcp", 1, 1)), v6=svc("fd7a:115c:a1e0::9", "",
                                                                                  ("tcp", 2, 2))))
     assert services is not None
-    got, notes = egress.targets(services, PEERS, netmap(), True, families=(4,))
+    got, notes = egress.targets(services, node(), families=(4,))
     assert [r.targets for r in got] == [(), (a("100.64.0.7"),)]
     assert len(notes) == 2 and all("IPv6" in n for n in notes)
 
@@ -139,7 +151,7 @@ def test_targets_without_ipv6_nat_skip_ipv6() -> None:
 def test_names_wait_for_the_netmap() -> None:
     services = egress.parse(cfg(web=svc("", "web.ts.net", ("tcp", 1, 1))))
     assert services is not None
-    got, notes = egress.targets(services, PEERS, netmap(), self_known=False)
+    got, notes = egress.targets(services, node(self_known=False))
     assert got[0].targets == () and notes == []
 
 
@@ -149,7 +161,7 @@ def test_names_wait_for_the_netmap() -> None:
 def test_status_shape_is_upstreams() -> None:
     services = egress.parse(cfg(web=svc("", "web.ts.net", ("tcp", 80, 8080)), gone=svc("", "x.ts.net")))
     assert services is not None
-    got, _ = egress.targets(services, PEERS, netmap(), True)
+    got, _ = egress.targets(services, node())
     st = egress.status(got, ("10.1.0.5", ""))
     assert json.loads(egress.status_bytes(st)) == {
         "podIPv4": "10.1.0.5",
@@ -394,7 +406,7 @@ def test_operator_upper_case_protocol_is_accepted_and_echoed() -> None:
     the operator's spelling (it compares the status with what it wrote)."""
     services = egress.parse(cfg(web=svc("100.64.0.7", "", ("TCP", 80, 8080), ("UDP", 53, 53))))
     assert services is not None
-    got, _ = egress.targets(services, PEERS, netmap(), True)
+    got, _ = egress.targets(services, node())
     plan, notes = rules.plan(S, rules.Inputs(proxy.Inputs(SELF), got))
     assert {r for r in plan.rules if isinstance(r, PortMap)} == {PortMap("tcp", 80, T4, 8080),
                                                                   PortMap("udp", 53, T4, 53)} and not notes
