@@ -15,9 +15,9 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from containerboot import (
     configdir,
@@ -49,6 +49,7 @@ SHUTDOWN_TIMEOUT = 25.0
 REISSUE_WAIT = 600.0  # how long a proxy whose key was refused waits for the operator's new one
 REISSUE_POLL = 5.0
 BUS_MAX_BACKOFF = 30.0
+T = TypeVar("T", bound=Sized)  # a parsed service config (a tuple of services)
 REFUSED_RETRY = 0.05  # a first watch refused (tailscaled not listening yet) is tried again this often
 BUS_MAX_DIAL_FAILURE = 60.0  # a watch that cannot be reopened for this long means tailscaled is gone
 LOGIN_STATE_WARNING = "login-state"  # health.LoginStateWarnable's code
@@ -865,46 +866,41 @@ class Boot:
         changed = False
         if s.egress_proxies_config_path:
             path = os.path.join(s.egress_proxies_config_path, egress.KEY_CONFIG)
-            data = self.reread("egress", path, egress.SETTING, len(self.egress_cfg or ()))
-            if data is not False:
-                try:
-                    cfg = egress.parse(data, path) if data is not None else None
-                except egress.ConfigError as exc:
-                    log.error(f"{exc}; keeping the {len(self.egress_cfg or ())} egress services in force")
-                else:
-                    changed = changed or cfg != self.egress_cfg
-                    self.egress_cfg = cfg
-                    log.info(f"egress services config: {len(cfg or ())} services")
+            got = self.reload("egress", path, egress.SETTING, egress.parse, len(self.egress_cfg or ()))
+            if got is not None:
+                changed = changed or got[0] != self.egress_cfg
+                self.egress_cfg = got[0]
         if s.ingress_proxies_config_path:
-            path = s.ingress_proxies_config_path
-            data = self.reread("ingress", path, ingress.SETTING, len(self.ingress_cfg or ()))
-            if data is not False:
-                try:
-                    icfg = ingress.parse(data, path) if data is not None else None
-                except ingress.ConfigError as exc:
-                    log.error(f"{exc}; keeping the {len(self.ingress_cfg or ())} ingress services in force")
-                else:
-                    # None (no file) and () (an empty object) differ: upstream writes a status for the latter.
-                    changed = changed or icfg != self.ingress_cfg
-                    self.ingress_cfg = icfg
-                    log.info(f"ingress services config: {len(icfg or ())} services")
+            igot = self.reload("ingress", s.ingress_proxies_config_path, ingress.SETTING, ingress.parse,
+                               len(self.ingress_cfg or ()))
+            if igot is not None:
+                # None (no file) and () (an empty object) differ: upstream writes a status for the latter.
+                changed = changed or igot[0] != self.ingress_cfg
+                self.ingress_cfg = igot[0]
         return changed
 
-    def reread(self, kind: str, path: str, setting: str, in_force: int) -> bytes | None | Literal[False]:
-        """A service config file's bytes when they changed since the last read (None: no file), else
-        False. A file that cannot be read (or is too large) is said once and keeps the config in force;
-        it is not taken for a missing file, which would remove every service."""
+    def reload(self, kind: str, path: str, setting: str, parse: Callable[[bytes, str], T | None],
+               in_force: int) -> tuple[T | None] | None:
+        """A service config file read again: (the config,) when its bytes changed and it is usable (None
+        in it: no file, or an empty one), else None. A file that cannot be read, is too large or does not
+        parse is said once and keeps the `in_force` services; an unreadable file is not taken for a
+        missing one, which would remove every service."""
         try:
             data: bytes | str | None = egress.read_file(path, setting)
         except egress.ConfigError as exc:
             data = str(exc)
         if data == self.service_files.get(path):  # (a file missing from the start is no change)
-            return False
+            return None
         self.service_files[path] = data
-        if isinstance(data, str):
-            log.error(f"{data}; keeping the {in_force} {kind} services in force")
-            return False
-        return data
+        try:
+            if isinstance(data, str):
+                raise egress.ConfigError(data)
+            cfg = parse(data, path) if data is not None else None
+        except egress.ConfigError as exc:
+            log.error(f"{exc}; keeping the {in_force} {kind} services in force")
+            return None
+        log.info(f"{kind} services config: {len(cfg) if cfg is not None else 0} services")
+        return (cfg,)
 
     def on_services_changed(self) -> None:
         self.next_services_poll = time.monotonic() + SERVICES_POLL_SECONDS
