@@ -74,20 +74,8 @@ def is_netmap(notify: Mapping[str, Any]) -> bool:
                                        "PeerChangedPatch"))
 
 
-def _addrs(values: Iterable[Any] | None) -> tuple[IPAddress, ...]:
-    """Single addresses from "100.64.0.1" or "100.64.0.1/32" forms; wider prefixes are routes, not ours."""
-    out: list[IPAddress] = []
-    for value in values or ():
-        try:
-            net = ipaddress.ip_network(str(value), strict=False)
-        except ValueError:
-            continue
-        if net.num_addresses == 1:
-            out.append(net.network_address)
-    return tuple(out)
-
-
 def _nets(values: Iterable[Any] | None) -> tuple[Network, ...]:
+    """Prefixes from "100.64.0.0/10" or bare-address forms; what does not parse is left out."""
     out = []
     for value in values or ():
         try:
@@ -95,6 +83,11 @@ def _nets(values: Iterable[Any] | None) -> tuple[Network, ...]:
         except ValueError:
             continue
     return tuple(out)
+
+
+def _addrs(values: Iterable[Any] | None) -> tuple[IPAddress, ...]:
+    """Single addresses from "100.64.0.1" or "100.64.0.1/32" forms; wider prefixes are routes, not ours."""
+    return tuple(net.network_address for net in _nets(values) if net.num_addresses == 1)
 
 
 def _records(values: Any) -> tuple[tuple[str, str], ...]:
