@@ -62,13 +62,24 @@ class Server:
         The caller holds the xtables lock."""
         seen: dict[str, Seen | None] = {}
         present = xtables.tables(self.fam)
+        refused: xtables.TableError | None = None
         for name, owned in tables.items():
-            if name not in present and all(rules is None for _, rules in owned.values()):
+            removal = all(rules is None for _, rules in owned.values())
+            if name not in present and removal:
                 seen[name] = None  # nothing to remove, and opening the table would create it
                 continue
-            seen[name] = self._commit(name, owned)
+            try:
+                seen[name] = self._commit(name, owned)
+            except xtables.TableError as exc:
+                # A removal goes on with the other tables (what can go, goes); a table it must leave as it
+                # is (someone else's rule jumps to our chain there) is said once, at the end.
+                if not removal or exc.errno:
+                    raise
+                refused = refused or exc
         self.version += 1
         self.seen = seen
+        if refused is not None:
+            raise refused
         return self.version
 
     def _commit(self, name: str, owned: dict[str, tuple[str | None, list[bytes] | None]]) -> Seen:
@@ -112,7 +123,7 @@ class Server:
                 chain = table.by_name.get(chain_name)
                 if chain is None or base not in table.by_name:
                     continue
-                jumps = len(table.jumps_to(chain, table.by_name[base]))
+                jumps = len(table.our_jumps(chain, table.by_name[base]))
                 if jumps:
                     found[chain_name] = (jumps, table.entries(chain))
         return {"version": self.version, "same": False, "chains": found}

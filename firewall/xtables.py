@@ -20,6 +20,7 @@ import ctypes
 import os
 import socket
 import struct
+import sys
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping
 from functools import cached_property
@@ -31,11 +32,83 @@ SO_SET_ADD_COUNTERS = SO_GET_ENTRIES = 65
 ACCEPT, RETURN = -2, -5  # standard verdicts: -NF_ACCEPT - 1, XT_RETURN
 HDR = 32  # struct xt_entry_match / xt_entry_target header: u16 size, char name[29], u8 revision
 I32, U16x2 = struct.Struct("=i"), struct.Struct("=HH")
-GETINFO = struct.Struct("=32sI5I5III")  # struct ipt_getinfo
-GET_ENTRIES = struct.Struct("=32sI4x")  # struct ipt_get_entries (without the entries)
-REPLACE = struct.Struct("=32sIII5I5IIQ")  # struct ipt_replace (without the entries)
-COUNTERS_INFO = struct.Struct("=32sIxxxx")  # struct xt_counters_info (without the counters)
+GETINFO = struct.Struct("=32sI5I5III")  # struct ipt_getinfo: only u32s, the same everywhere
 COUNTER = 16  # struct xt_counters: u64 packets, u64 bytes
+
+
+# ---- the kernel's structs as this platform lays them out -------------------------------------------------
+# The kernel reads these with the calling program's ABI (a 32-bit program on a 64-bit kernel through its
+# compat layer), so sizes and offsets are taken from ctypes, which lays out C structs as this platform's C
+# compiler does: where a u64 is aligned (8 on x86_64, arm64 and 32-bit ARM EABI, 4 on i386) moves the
+# counters of ip6t_entry and the entries after the ipt_replace header, and the pointer in ipt_replace is 4 or
+# 8 bytes. Byte order is native throughout ("=" formats).
+
+C = ctypes
+
+
+class _XtAlign(C.Structure):  # struct _xt_align: XT_ALIGN rounds to the strictest alignment of these
+    _fields_ = [("u8", C.c_uint8), ("u16", C.c_uint16), ("u32", C.c_uint32), ("u64", C.c_uint64)]
+
+
+class _XtCounters(C.Structure):
+    _fields_ = [("pcnt", C.c_uint64), ("bcnt", C.c_uint64)]
+
+
+class _IptIp(C.Structure):  # struct ipt_ip
+    _fields_ = [("src", C.c_uint32), ("dst", C.c_uint32), ("smsk", C.c_uint32), ("dmsk", C.c_uint32),
+                ("iniface", C.c_char * 16), ("outiface", C.c_char * 16), ("iniface_mask", C.c_ubyte * 16),
+                ("outiface_mask", C.c_ubyte * 16), ("proto", C.c_uint16), ("flags", C.c_uint8),
+                ("invflags", C.c_uint8)]
+
+
+class _Ip6tIp6(C.Structure):  # struct ip6t_ip6 (struct in6_addr is aligned as its u32 member)
+    _fields_ = [("src", C.c_uint32 * 4), ("dst", C.c_uint32 * 4), ("smsk", C.c_uint32 * 4),
+                ("dmsk", C.c_uint32 * 4), ("iniface", C.c_char * 16), ("outiface", C.c_char * 16),
+                ("iniface_mask", C.c_ubyte * 16), ("outiface_mask", C.c_ubyte * 16), ("proto", C.c_uint16),
+                ("tos", C.c_uint8), ("flags", C.c_uint8), ("invflags", C.c_uint8)]
+
+
+def _entry(ip: type[C.Structure]) -> type[C.Structure]:
+    """struct ipt_entry / ip6t_entry: the IP part, then the header fields and the counters."""
+    return type(f"_Entry{ip.__name__}", (C.Structure,), {"_fields_": [
+        ("ip", ip), ("nfcache", C.c_uint32), ("target_offset", C.c_uint16), ("next_offset", C.c_uint16),
+        ("comefrom", C.c_uint32), ("counters", _XtCounters)]})
+
+
+_ENTRY = {4: _entry(_IptIp), 6: _entry(_Ip6tIp6)}
+
+
+class _Replace(C.Structure):  # struct ipt_replace, up to its entries (aligned as an entry: the tail padding)
+    _fields_ = [("name", C.c_char * 32), ("valid_hooks", C.c_uint32), ("num_entries", C.c_uint32),
+                ("size", C.c_uint32), ("hook_entry", C.c_uint32 * 5), ("underflow", C.c_uint32 * 5),
+                ("num_counters", C.c_uint32), ("counters", C.c_void_p), ("entries", _ENTRY[4] * 0)]
+
+
+class _GetEntries(C.Structure):  # struct ipt_get_entries
+    _fields_ = [("name", C.c_char * 32), ("size", C.c_uint32), ("entrytable", _ENTRY[4] * 0)]
+
+
+class _CountersInfo(C.Structure):  # struct xt_counters_info
+    _fields_ = [("name", C.c_char * 32), ("num_counters", C.c_uint32), ("counters", _XtCounters * 0)]
+
+
+XT_ALIGN = C.alignment(_XtAlign)
+POINTER = C.sizeof(C.c_void_p)
+# The platforms whose layout has been run against a kernel (x86_64; i386 through x86_64's compat layer) or,
+# for 32-bit ARM, checked under emulation against the kernel's UAPI sizes: (byte order, pointer, XT_ALIGN).
+VOUCHED = {("little", 8, 8): "64-bit", ("little", 4, 4): "i386", ("little", 4, 8): "32-bit ARM"}
+ABI = (sys.byteorder, POINTER, XT_ALIGN)
+REPLACE = struct.Struct(f"=32sIII5I5II{'Q' if POINTER == 8 else 'I'}{C.sizeof(_Replace) - 88 - POINTER}x")
+GET_ENTRIES = struct.Struct(f"=32sI{C.sizeof(_GetEntries) - 36}x")
+COUNTERS_INFO = struct.Struct(f"=32sI{C.sizeof(_CountersInfo) - 36}x")
+
+
+def unvouched() -> str | None:
+    """Why the legacy writer will not run on this platform, or None when its layout is one it is proven on."""
+    if ABI in VOUCHED:
+        return None
+    return (f"the legacy iptables writer is not proven on this platform ({sys.byteorder}-endian, "
+            f"{POINTER * 8}-bit pointers, 64-bit values aligned to {XT_ALIGN}); use nftables")
 
 
 class TableError(Exception):
@@ -47,14 +120,15 @@ class TableError(Exception):
 
 
 def align(n: int) -> int:
-    return (n + 7) & ~7  # XT_ALIGN: the alignment of u64 on the platforms Linux runs iptables on
+    return (n + XT_ALIGN - 1) & ~(XT_ALIGN - 1)  # XT_ALIGN
 
 
 class Layout:
-    """Sizes and offsets of struct ipt_entry (IPv4) or struct ip6t_entry (IPv6)."""
+    """Sizes and offsets of struct ipt_entry (IPv4) or struct ip6t_entry (IPv6) on this platform."""
 
     def __init__(self, fam: int) -> None:
         v6 = fam == 6
+        entry = _ENTRY[fam]
         self.fam = fam
         self.af = socket.AF_INET6 if v6 else socket.AF_INET
         self.level = socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP
@@ -62,11 +136,19 @@ class Layout:
         self.addr_len = 16 if v6 else 4
         # the IP part: src, dst, smsk, dmsk, iniface, outiface, iniface_mask, outiface_mask, proto, (tos,) flags, inv
         self.ip = struct.Struct("=16s16s16s16s16s16s16s16sHBBB3x" if v6 else "=4s4s4s4s16s16s16s16sHBB")
-        self.size = 168 if v6 else 112  # entry header: ip, nfcache, target_offset, next_offset, comefrom, counters
-        self.offsets_at = self.ip.size + 4  # u16 target_offset, u16 next_offset
-        self.comefrom_at = self.offsets_at + 4
-        self.counters_at = self.size - COUNTER
-        self.tail = struct.Struct("=IHHI" + ("4x" if v6 else "") + "QQ")  # after the IP part
+        self.size = C.sizeof(entry)  # entry header: ip, nfcache, target_offset, next_offset, comefrom, counters
+        self.offsets_at = entry.target_offset.offset  # u16 target_offset, u16 next_offset
+        self.comefrom_at = entry.comefrom.offset
+        self.counters_at = entry.counters.offset
+        assert self.ip.size == C.sizeof(_Ip6tIp6 if v6 else _IptIp) == entry.nfcache.offset
+        assert self.counters_at + COUNTER == self.size
+        # After the IP part: nfcache, the offsets, comefrom, the padding before the counters (ip6t_entry
+        # where a u64 is 8-aligned), the counters.
+        pad = self.counters_at - self.comefrom_at - 4
+        self.tail = struct.Struct(f"=IHHI{pad}xQQ")
+        # What the kernel may change in an entry it holds (comefrom, the counters, the padding between):
+        # zeroed wherever entries are compared.
+        self.volatile = self.size - self.comefrom_at
         self.zero_ip = bytes(self.ip.size)
 
     def entry(self, ip: bytes, matches: bytes, target: bytes) -> bytes:
@@ -128,7 +210,7 @@ class Table:
         offs: list[int] = []
         jumps: list[tuple[int, int, int]] = []  # (entry, position of its verdict, verdict)
         errors: list[int] = []
-        zero = bytes(COUNTER + 4)
+        zero = bytes(lay.volatile)
         at, comefrom, size, o = lay.offsets_at, lay.comefrom_at, len(blob), 0
         unpack, verdict = U16x2.unpack_from, I32.unpack_from
         while o < size:
@@ -136,7 +218,7 @@ class Table:
             if next_offset < lay.size or target_offset < lay.size or target_offset + HDR > next_offset:
                 raise TableError(f"{name}: malformed entry at offset {o}")
             t = o + target_offset
-            blob[o + comefrom:o + comefrom + 4 + COUNTER] = zero
+            blob[o + comefrom:o + lay.size] = zero
             if blob[t + 2] == 0:  # the standard target has an empty name
                 v = verdict(blob, t + HDR)[0]
                 if v >= 0:
@@ -194,6 +276,21 @@ class Table:
         return [o for o, _, v in self.jumps if v == chain.body
                 and (within is None or within.start <= o < within.stop)]
 
+    def our_jumps(self, chain: Chain, base: Chain) -> list[int]:
+        """The entries of `base` that are exactly the jump `splice` installs to `chain` (unconditional, no
+        match, counters aside): any other rule that jumps there is someone else's."""
+        ours = self.lay.standard(chain.body)
+        return [o for o in self.jumps_to(chain, base) if self.blob[o:o + len(ours)] == ours
+                and U16x2.unpack_from(self.blob, o + self.lay.offsets_at)[1] == len(ours)]
+
+    def jumps_described(self, offsets: Iterable[int]) -> str:
+        """Where the entries at `offsets` are, for an error: "OUTPUT rule 2, PREROUTING rule 1"."""
+        out = []
+        for o in offsets:
+            chain = next(c for c in self.chains if c.start <= o < c.stop)
+            out.append(f"{chain.name} rule {self.index[o] - self.index[chain.body] + 1}")
+        return ", ".join(out)
+
 
 class Spliced:
     """A table rewritten by `splice`, ready for `Kernel.replace`."""
@@ -218,9 +315,9 @@ def mask(lay: Layout, raw: bytes, offs: Iterable[int]) -> bytes:
     """`raw` with the counters and internal marks of the entries at `offs` zeroed: what Table.blob holds
     when the entries start there (a table read again costs this loop, not a parse)."""
     blob = bytearray(raw)
-    zero, at = bytes(COUNTER + 4), lay.comefrom_at
+    zero, at, end = bytes(lay.volatile), lay.comefrom_at, lay.size
     for o in offs:
-        blob[o + at:o + at + 4 + COUNTER] = zero
+        blob[o + at:o + end] = zero
     return bytes(blob)
 
 
@@ -238,11 +335,14 @@ def splice(table: Table, owned: Mapping[str, tuple[str | None, list[bytes] | Non
         old = table.by_name.get(name)
         if old is not None and old.hook is not None:
             raise TableError(f"{table.name}: {name} is a built-in chain")
-        found = table.jumps_to(old, table.by_name[base]) if old and base else []
+        # Our jump is recognised by its exact bytes; a rule of anyone else's that jumps to our chain, in the
+        # base chain or anywhere, is theirs and stays as it is (it follows the chain when the chain moves).
+        found = table.our_jumps(old, table.by_name[base]) if old and base else []
         if old is not None and rules is None:
-            others = len(table.jumps_to(old)) - len(found)
+            others = [o for o in table.jumps_to(old) if o not in found]
             if others:
-                raise TableError(f"{table.name}: chain {name} is the target of {others} rule(s) outside {base}")
+                raise TableError(f"{table.name}: chain {name} is kept: rules we did not install jump to it "
+                                 f"({table.jumps_described(others)}); delete them, then flush again")
         drop.update(found if rules is None else found[1:])
         if base is not None and rules is not None and not found:
             add_jump.setdefault(base, []).append(name)
@@ -344,7 +444,10 @@ def splice(table: Table, owned: Mapping[str, tuple[str | None, list[bytes] | Non
     for o, pos, v in table.jumps:  # jumps in the entries that were kept
         k = bisect_right(starts, o) - 1
         if k >= 0 and o < moved[k][1]:
-            new = relocate(v)
+            # A rule without a target is stored as a jump to the entry after it (libiptc's fallthrough):
+            # it keeps pointing right after itself, whatever comes there now.
+            fallthrough = v == o + U16x2.unpack_from(table.blob, o + lay.offsets_at)[1]
+            new = v - moved[k][0] + moved[k][2] if fallthrough else relocate(v)
             if new != v:
                 I32.pack_into(blob, pos - moved[k][0] + moved[k][2], new)
     for k, piece in enumerate(pieces):
@@ -383,6 +486,9 @@ class Kernel:
 
     def _fd(self) -> int:
         if self._sock is None:
+            why = unvouched()
+            if why:
+                raise TableError(why)
             try:
                 self._sock = socket.socket(self.lay.af, socket.SOCK_RAW, socket.IPPROTO_RAW)
             except OSError as exc:
@@ -407,6 +513,7 @@ class Kernel:
 
     def read_raw(self, table: str) -> tuple[tuple[int, ...], bytes]:
         """(valid_hooks, hook_entry[5], underflow[5], num_entries) and the entries as the kernel gives them."""
+        refused = 0
         for _ in range(5):  # the table may change size between the two calls
             info = self.info(table)
             size = info[-1]
@@ -419,9 +526,13 @@ class Kernel:
                 self._get(SO_GET_ENTRIES, buf, f"table {table}")
             except TableError as exc:
                 if exc.errno == 11 or exc.errno == 22:  # EAGAIN, EINVAL: replaced meanwhile
+                    refused += exc.errno == 22
                     continue
                 raise
             return info[:-1], ctypes.string_at(ctypes.addressof(buf) + GET_ENTRIES.size, size)
+        if refused == 5:  # the size it gave us, refused each time: not a table that moves
+            raise TableError(f"table {table}: the kernel refused every read (EINVAL): it expects another layout "
+                             "(a 32-bit program on a 64-bit kernel without CONFIG_NETFILTER_XTABLES_COMPAT?)", 22)
         raise TableError(f"table {table}: changing too fast to be read")
 
     def replace(self, table: Table, blob: bytes, entries: int, hook_entry: Iterable[int],

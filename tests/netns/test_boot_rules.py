@@ -130,3 +130,23 @@ def test_xtables_lock_held_by_another_process(topo: Topology, root: Root) -> Non
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_shutdown_says_in_one_line_which_chain_it_must_keep(topo: Topology, root: Root) -> None:
+    # Someone else's rule jumps into our chain from another chain: the shutdown cannot remove that chain
+    # without breaking their rule. It removes the rest, says so in one line, and exits as SIGTERM does.
+    a4 = ADDR[4]
+    run = boot(topo, root, "iptables", TS_DEST_IP=a4["backend"])
+    try:
+        root.api.notify(netmap([f"{a4['ts']}/32"]))
+        run.wait_log("Startup complete, waiting for shutdown signal")
+        topo.lab.run(topo.proxy, "iptables-legacy", "-t", "nat", "-A", "OUTPUT", "-o", "lo", "-j",
+                     "CONTAINERBOOT-PREROUTING")
+    finally:
+        assert run.stop() == 0
+    said = [ln for ln in run.output.splitlines() if "CONTAINERBOOT-PREROUTING" in ln]
+    assert len(said) == 1 and said[0].endswith(
+        "firewall: removing our rules failed: iptables (legacy): nat: chain CONTAINERBOOT-PREROUTING is kept: "
+        "rules we did not install jump to it (OUTPUT rule 1); delete them, then flush again"), said
+    save = topo.lab.run(topo.proxy, "iptables-legacy-save").stdout
+    assert "-A OUTPUT -o lo -j CONTAINERBOOT-PREROUTING" in save and "CONTAINERBOOT-FORWARD" not in save, save

@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import python_exe
+from tests.conftest import containerboot_exe, python_exe
 from tests.lab.netns import Lab
 
 pytestmark = pytest.mark.root
@@ -192,3 +192,91 @@ def test_the_drift_check_reads_only_what_changed(lab: Lab) -> None:
     """))
     assert out == {"after_write": True, "counters": True, "replaced": False, "version": True,
                    "same_again": True, "driver_sees_it": True, "repaired": True}, out
+
+
+# ---- someone else's rules around ours (issue 17's four defects) -------------------------------------------
+
+
+def nat_lines(lines: list[str], chain: str) -> list[str]:
+    return [ln for ln in lines if ln.split(" ", 2)[1:2] == ["-A"] and ln.split()[2] == chain]
+
+
+def test_an_ipv6_rule_of_ours_past_4_gib_is_still_ours(lab: Lab) -> None:
+    ns = lab.ns("g")
+    python(lab, ns, "IptablesDriver().apply(plan(6))")
+    ours = next(ln for ln in saved(lab, ns, 6) if "-A CONTAINERBOOT-PREROUTING" in ln).split(" ", 1)[1]
+    # The byte counter's high half sits after ip6t_entry's padding on 64-bit: past 4 GiB it is non-zero.
+    lab.run(ns, IPT[6], "-t", "nat", "-R", "CONTAINERBOOT-PREROUTING", "1", *shlex.split(ours)[2:],
+            "-c", "1", "4294967297")
+    out = json.loads(python(lab, ns, """
+        d = IptablesDriver()
+        found = d.installed()
+        d.apply(plan(6, moved=True))
+        print(json.dumps({"same": found == plan(6), "found": str(found)}))
+    """))
+    assert out["same"], out["found"]
+    assert f"[1:4294967297] {ours}" in saved(lab, ns, 6)  # the rule stayed, and so did its counters
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+def test_a_rule_without_a_target_above_our_jump(lab: Lab, fam: int) -> None:
+    ns = lab.ns("t")
+    python(lab, ns, f"IptablesDriver().apply(plan({fam}))")
+    # The kernel holds a rule without a target as a jump to the entry after it: here, our jump.
+    lab.run(ns, IPT[fam], "-t", "nat", "-I", "PREROUTING", "1", "-s", "198.18.9.1" if fam == 4 else "fd18:9::1")
+    before = without_ours(saved(lab, ns, fam))
+    python(lab, ns, f"IptablesDriver().apply(plan({fam}, moved=True))")
+    assert without_ours(saved(lab, ns, fam)) == before
+    python(lab, ns, "IptablesDriver().flush()")
+    assert saved(lab, ns, fam) == before
+    # And it still works as a rule: iptables finds it, and can delete it.
+    lab.run(ns, IPT[fam], "-t", "nat", "-D", "PREROUTING", "-s", "198.18.9.1" if fam == 4 else "fd18:9::1")
+
+
+@pytest.mark.parametrize("where", ["above", "below"])
+def test_someone_elses_jump_into_our_chain_is_left_alone(lab: Lab, where: str) -> None:
+    ns = lab.ns("j")
+    python(lab, ns, "IptablesDriver().apply(plan(4))")
+    theirs = ["-i", "eth7", "-j", "CONTAINERBOOT-PREROUTING"]
+    lab.run(ns, IPT[4], "-t", "nat", *(["-I", "PREROUTING", "1"] if where == "above" else ["-A", "PREROUTING"]),
+            *theirs)
+    before = nat_lines(saved(lab, ns, 4), "PREROUTING")
+    assert len(before) == 2
+    out = json.loads(python(lab, ns, """
+        d = IptablesDriver()
+        d.apply(plan(4, moved=True))
+        print(json.dumps({"same": d.installed() == plan(4, moved=True)}))
+    """))
+    assert out["same"]
+    assert nat_lines(saved(lab, ns, 4), "PREROUTING") == before  # both jumps, in their places
+
+    # Our own jump deleted by someone: theirs does not stand in for it. The drift check sees our rules
+    # gone and the repair puts our jump back at the top, theirs untouched.
+    lab.run(ns, IPT[4], "-t", "nat", "-D", "PREROUTING", "-j", "CONTAINERBOOT-PREROUTING")
+    out = json.loads(python(lab, ns, """
+        d = IptablesDriver()
+        found = d.installed()
+        d.apply(plan(4))
+        print(json.dumps({"dnats": "dnat" in str(found), "repaired": d.installed() == plan(4)}))
+    """))
+    assert out == {"dnats": False, "repaired": True}, out
+    after = nat_lines(saved(lab, ns, 4), "PREROUTING")
+    assert after[0] == "[0:0] -A PREROUTING -j CONTAINERBOOT-PREROUTING"
+    assert after[1:] == ["[0:0] -A PREROUTING -i eth7 -j CONTAINERBOOT-PREROUTING"], after
+
+
+def test_a_jump_from_another_chain_keeps_our_chain_and_says_where(lab: Lab) -> None:
+    ns = lab.ns("o")
+    python(lab, ns, "IptablesDriver().apply(Plan.read_back([*plan(4).rules, *plan(6).rules]))")
+    lab.run(ns, IPT[4], "-t", "nat", "-A", "OUTPUT", "-o", "lo", "-j", "CONTAINERBOOT-PREROUTING")
+    proc = lab.run(ns, containerboot_exe(), "flush", check=False, env=dict(os.environ))
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, lines
+    assert "nat: chain CONTAINERBOOT-PREROUTING is kept: rules we did not install jump to it (OUTPUT rule 1)" \
+        in lines[0], lines
+    # What could go went: mangle's chain and every IPv6 chain; nat is left whole, theirs and ours.
+    v4, v6 = saved(lab, ns, 4), saved(lab, ns, 6)
+    assert not [ln for ln in v4 if "CONTAINERBOOT-FORWARD" in ln]
+    assert not [ln for ln in v6 if "CONTAINERBOOT" in ln]
+    assert "[0:0] -A OUTPUT -o lo -j CONTAINERBOOT-PREROUTING" in v4
+    assert nat_lines(v4, "CONTAINERBOOT-PREROUTING")

@@ -117,9 +117,89 @@ def test_a_rule_elsewhere_that_jumps_to_an_owned_chain_stops_its_removal() -> No
     try:
         xtables.splice(crafted, {iptables.PRE: ("PREROUTING", None)})
     except xtables.TableError as exc:
-        assert "target of 1 rule(s) outside PREROUTING" in str(exc)
+        assert "rules we did not install jump to it (OUTPUT rule 1)" in str(exc)
     else:
         raise AssertionError("removed a chain that a rule elsewhere still jumps to")
     # Rewriting it is fine: the jump moves with the chain.
     kept = spliced(crafted, {iptables.PRE: ("PREROUTING", [dnat(4, 2), dnat(4, 3)])})
     assert shape(kept)["OUTPUT"][0] == ("jump", iptables.PRE)
+
+
+def with_entry(table: xtables.Table, chain: str, at: int, entry: bytes) -> xtables.Table:
+    """`table` with someone else's `entry` inserted as rule `at` of the built-in `chain` (a jump in `entry`
+    to offset v >= its own position is moved along), as iptables -I would leave it."""
+    lay, c = table.lay, table.by_name[chain]
+    pos = table.offs[table.index[c.body] + at]
+    n = len(entry)
+    blob = bytearray(table.blob[:pos] + entry + table.blob[pos:])
+    for o, verdict_at, v in table.jumps:
+        if v >= pos:
+            new_o = o + n if o >= pos else o
+            xtables.I32.pack_into(blob, verdict_at - o + new_o, v + n)
+    hooks = [h + n if h != NONE and h > pos else h for h in table.hook_entry]
+    under = [u + n if u != NONE and u >= pos else u for u in table.underflow]
+    info = (table.valid_hooks, *hooks, *under, table.num_entries + 1)
+    assert lay.size <= n
+    return xtables.Table(lay, table.name, info, bytes(blob))
+
+
+def test_a_rule_without_a_target_above_our_jump_keeps_falling_through() -> None:
+    # iptables -t nat -I PREROUTING 1 -s 198.18.9.1/32: the kernel holds it as a jump to the next entry.
+    ours = spliced(empty_nat(4), {iptables.PRE: ("PREROUTING", [dnat(4, 1)])})
+    lay = ours.lay
+    start = ours.by_name["PREROUTING"].start
+    ip = lay.ip.pack(b"\xc6\x12\x09\x01", bytes(4), b"\xff" * 4, bytes(4), bytes(16), bytes(16), bytes(16),
+                     bytes(16), 0, 0, 0)
+    size = lay.size + xtables.align(xtables.HDR + 4)
+    bare = lay.entry(ip, b"", xtables.ext("", xtables.I32.pack(start + size)))
+    table = with_entry(ours, "PREROUTING", 0, bare)
+    assert [v for o, _, v in table.jumps if o == start] == [start + size]  # a fallthrough
+    for owned in ({iptables.PRE: ("PREROUTING", None)}, {iptables.PRE: ("PREROUTING", [dnat(4, 2)])}):
+        out = spliced(table, owned)
+        first = out.by_name["PREROUTING"].start
+        assert out.blob[first:first + lay.ip.size] == ip
+        assert [v for o, _, v in out.jumps if o == first] == [first + size]  # still the entry after it
+    assert spliced(table, {iptables.PRE: ("PREROUTING", None)}).blob == \
+        spliced(empty_nat(4), {}).blob[:start] + bare + spliced(empty_nat(4), {}).blob[start:]
+
+
+def test_someone_elses_jump_to_our_chain_is_theirs() -> None:
+    ours = spliced(empty_nat(4), {iptables.PRE: ("PREROUTING", [dnat(4, 1)])})
+    lay, body = ours.lay, ours.by_name[iptables.PRE].body
+    # iptables -t nat -I PREROUTING 1 -i eth7 -j CONTAINERBOOT-PREROUTING, and the same unconditional jump
+    # with a byte counter: only the exact entry we install (counters aside) is ours.
+    iface = b"eth7".ljust(16, b"\0")
+    ip = lay.ip.pack(bytes(4), bytes(4), bytes(4), bytes(4), iface, bytes(16), b"\xff" * 5 + bytes(11), bytes(16),
+                     0, 0, 0)
+    size = lay.size + xtables.align(xtables.HDR + 4)
+    theirs = lay.entry(ip, b"", xtables.ext("", xtables.I32.pack(body + size)))  # where the body will be
+    for at in (0, 1):  # above our jump, and below it
+        table = with_entry(ours, "PREROUTING", at, theirs)
+        pre, chain = table.by_name["PREROUTING"], table.by_name[iptables.PRE]
+        assert len(table.jumps_to(chain, pre)) == 2 and len(table.our_jumps(chain, pre)) == 1
+        out = spliced(table, {iptables.PRE: ("PREROUTING", [dnat(4, 1), dnat(4, 2)])})
+        got = shape(out)["PREROUTING"]
+        assert got == [("jump", iptables.PRE)] * 2  # both stay: ours and theirs
+        kept = out.offs[out.index[out.by_name["PREROUTING"].start] + at]
+        assert out.blob[kept:kept + lay.ip.size] == ip  # theirs, where it was
+        try:
+            xtables.splice(table, {iptables.PRE: ("PREROUTING", None)})
+        except xtables.TableError as exc:
+            assert f"(PREROUTING rule {at + 1})" in str(exc)
+        else:
+            raise AssertionError("flushed a chain someone else's rule jumps to")
+
+
+def test_counters_and_comefrom_are_not_part_of_an_entry() -> None:
+    # IPv6 counters sit after 4 bytes of padding on 64-bit (ip6t_entry: comefrom 144, counters 152-167):
+    # a byte counter above 4 GiB sets the high half at 164-167, which must be masked as well.
+    for fam in (4, 6):
+        table = spliced(empty_nat(fam), {iptables.PRE: ("PREROUTING", [dnat(fam, 1)])})
+        lay = table.lay
+        raw = bytearray(table.blob)
+        for o in table.offs:
+            xtables.struct.pack_into("=I", raw, o + lay.comefrom_at, 0x1F)
+            xtables.struct.pack_into("=QQ", raw, o + lay.counters_at, 1, 4294967297 + o)
+        again = xtables.Table(lay, "nat", table.info, bytes(raw))
+        assert again.blob == table.blob
+        assert xtables.mask(lay, bytes(raw), table.offs) == table.blob
