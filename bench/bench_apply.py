@@ -184,14 +184,26 @@ def worker(kind: str, n: int, checks: bool, scenario: str = "ingress") -> dict[s
         return {"apply": timed(lambda: subprocess.run(argv, check=True))}
 
 
+IMAGE = ""  # --image: the workers run in this image, each in a container of its own, instead of here
+
+
 def measure(kind: str, n: int, repeat: int, checks: bool, scenario: str = "ingress") -> dict[str, float]:
     runs = []
+    args = ["--worker", kind, str(n), *(["--checks"] if checks else []), "--scenario", scenario]
     for i in range(repeat):
+        if IMAGE:
+            # The image's own interpreter, iptables-legacy-restore and nft (another platform's, e.g. the
+            # linux/386 image run natively here), this checkout's code; a container's network namespace is
+            # as fresh as one made with `ip netns add`.
+            argv = ["docker", "run", "--rm", "--network", "none", "--cap-add", "NET_ADMIN", "--cap-add", "NET_RAW",
+                    "-v", f"{ROOT}:/src:ro", "--entrypoint", "python3", IMAGE, "/src/bench/bench_apply.py", *args]
+            proc = subprocess.run(argv, check=True, capture_output=True, text=True)
+            runs.append(json.loads(proc.stdout))
+            continue
         ns = f"cbbench{os.getpid()}-{i}"
         subprocess.run(["ip", "netns", "add", ns], check=True)
         try:
-            argv = [sys.executable, __file__, "--worker", kind, str(n), *(["--checks"] if checks else []),
-                    "--scenario", scenario]
+            argv = [sys.executable, __file__, *args]
             proc = subprocess.run(["ip", "netns", "exec", ns, *argv], check=True, capture_output=True, text=True)
             runs.append(json.loads(proc.stdout))
         finally:
@@ -207,7 +219,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--scenario", choices=["all", "ingress", "portmap"], default="all")
     parser.add_argument("--portmap-sizes", default="1000,10000")
+    parser.add_argument("--image", default="", help="run the workers in this image (e.g. the linux/386 one)")
     args = parser.parse_args()
+    global IMAGE
+    IMAGE = args.image
+    if IMAGE and not args.worker:
+        platform = subprocess.run(["docker", "image", "inspect", "--format", "{{.Os}}/{{.Architecture}}", IMAGE],
+                                  check=True, capture_output=True, text=True).stdout.strip()
+        print(f"workers in {IMAGE} ({platform})")
     if args.worker:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.checks, args.scenario)))
         return

@@ -107,8 +107,9 @@ def unvouched() -> str | None:
     """Why the legacy writer will not run on this platform, or None when its layout is one it is proven on."""
     if ABI in VOUCHED:
         return None
-    return (f"the legacy iptables writer is not proven on this platform ({sys.byteorder}-endian, "
-            f"{POINTER * 8}-bit pointers, 64-bit values aligned to {XT_ALIGN}); use nftables")
+    order, pointer, xt_align = ABI
+    return (f"the legacy iptables writer is not proven on this platform ({order}-endian, {pointer * 8}-bit "
+            f"pointers, 64-bit values aligned to {xt_align}); use nftables")
 
 
 class TableError(Exception):

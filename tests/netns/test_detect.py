@@ -166,3 +166,27 @@ def test_missing_net_admin_names_the_fix(lab: Lab, tmp_path: Path) -> None:
     assert proc.returncode == 1
     last = (proc.stdout + proc.stderr).strip().splitlines()[-1]
     assert "no usable netfilter backend" in last and "--cap-add NET_ADMIN" in last and "TS_USERSPACE=true" in last
+
+
+def test_a_platform_the_legacy_writer_cannot_vouch_for_moves_to_nftables(lab: Lab, tmp_path: Path) -> None:
+    # The struct layout of the running platform is derived, and only the three proven ABIs write legacy
+    # tables. Another one (here a big-endian 32-bit ARM, stood in for by changing what was derived) is one
+    # line of evidence and nftables, even where `iptables -V` says legacy.
+    ns = lab.ns("v")
+    script = textwrap.dedent("""
+        import json, sys
+        from firewall import xtables
+        if sys.argv[1] == "big":
+            xtables.ABI = ("big", 4, 8)
+        from firewall.detect import detect
+        d = detect({})
+        print(json.dumps({"backend": d.backend, "evidence": list(d.evidence)}))
+    """)
+    env = {"PATH": f"{iptables_dir(tmp_path, 'legacy')}:/usr/sbin:/usr/bin:/sbin:/bin"}
+    found = {abi: json.loads(lab.run(ns, python_exe(), "-c", script, abi, env=env).stdout) for abi in ("big", "own")}
+    assert found["own"]["backend"] == "iptables", found
+    assert found["big"]["backend"] == "nftables", found
+    why = ("legacy NAT probe failed (iptables (legacy): the legacy iptables writer is not proven on this platform "
+           "(big-endian, 32-bit pointers, 64-bit values aligned to 8); use nftables); nf_tables NAT probe passed")
+    assert why in found["big"]["evidence"], found
+

@@ -203,3 +203,14 @@ def test_counters_and_comefrom_are_not_part_of_an_entry() -> None:
         again = xtables.Table(lay, "nat", table.info, bytes(raw))
         assert again.blob == table.blob
         assert xtables.mask(lay, bytes(raw), table.offs) == table.blob
+
+
+def test_the_derived_layout_is_the_kernel_uapi_one_for_this_platform() -> None:
+    # x86_64 and arm64 (the two 64-bit platforms the image ships): the kernel's UAPI sizes. The 32-bit ones
+    # are checked in their images (tests/i386, tests/arm64).
+    assert xtables.ABI == ("little", 8, 8)
+    assert (xtables.LAYOUT[4].size, xtables.LAYOUT[6].size, xtables.LAYOUT[6].counters_at) == (112, 168, 152)
+    assert (xtables.REPLACE.size, xtables.GET_ENTRIES.size, xtables.COUNTERS_INFO.size) == (96, 40, 40)
+    standard = len(xtables.LAYOUT[4].standard(0)) - 112
+    dnat = len(iptables.encode(4, iptables.Spec(iptables.PRE, "DNAT", "198.18.0.1", dst="100.64.0.1"))) - 112
+    assert (standard, len(iptables.port_match("tcp", 1)), dnat) == (40, 48, 80)
