@@ -22,7 +22,6 @@ import ipaddress
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -208,6 +207,8 @@ def measure(kind: str, n: int, repeat: int, checks: bool, scenario: str = "ingre
             runs.append(json.loads(proc.stdout))
         finally:
             subprocess.run(["ip", "netns", "del", ns], check=False)
+    import statistics  # here: the image's trimmed standard library has no decimal, which statistics imports
+
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
