@@ -24,12 +24,12 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 from firewall import xtables
-from firewall.iptables_kernel import Server, call
+from firewall.iptables_kernel import ReadBack, Server, Tables, kernel_errors
 from firewall.model import (
     TUN,
     Dnat,
@@ -476,6 +476,22 @@ def legacy_tables(fam: int) -> set[str]:
     return xtables.tables(fam)
 
 
+T = TypeVar("T")
+
+
+# The calls the driver makes on a family's server (each family's server is asked the same thing).
+def revision_of(target: str, revisions: list[int]) -> Callable[[Server], int | None]:
+    return lambda server: server.revision(target, revisions)
+
+
+def write_of(tables: Tables) -> Callable[[Server], int]:
+    return lambda server: server.write(tables)
+
+
+def read_of(since: int) -> Callable[[Server], ReadBack]:
+    return lambda server: server.read(OWNED, since)
+
+
 class IptablesDriver:
     name = "iptables"
 
@@ -489,13 +505,15 @@ class IptablesDriver:
         self._together: tuple[tuple[Plan, ...], Plan] | None = None  # the families' plans, and their union
         self._dnat: dict[int, int] = {}
 
-    def _call(self, requests: dict[int, dict[str, Any]]) -> dict[int, Any]:
-        """Each family's request; every family is asked even when one fails (the first error is raised)."""
-        results: dict[int, Any] = {}
+    def _call(self, requests: dict[int, Callable[[Server], T]]) -> dict[int, T]:
+        """Each family's call on its server; every family is asked even when one fails (the first error is
+        raised)."""
+        results: dict[int, T] = {}
         error: BaseException | None = None
         for fam, request in requests.items():
             try:
-                results[fam] = call(self.servers[fam], request)
+                with kernel_errors():
+                    results[fam] = request(self.servers[fam])
             except BaseException as exc:  # what the kernel holds is unknown now: read it whole next time
                 self._known.pop(fam, None)
                 error = error or exc
@@ -505,21 +523,20 @@ class IptablesDriver:
 
     def _dnat_revisions(self, fams: Iterable[int]) -> dict[int, int]:
         """The DNAT revision each family's rules are written in, asked of the kernel once."""
-        ask = {fam: {"op": "revision", "target": "DNAT", "revisions": DNAT_REVISIONS[fam]}
-               for fam in fams if fam not in self._dnat}
+        ask = {fam: revision_of("DNAT", DNAT_REVISIONS[fam]) for fam in fams if fam not in self._dnat}
         if ask:
             for fam, rev in self._call(ask).items():
                 self._dnat[fam] = DNAT_REVISIONS[fam][0] if rev is None else rev
         return self._dnat
 
     def _write(self, plan: Plan | None) -> None:
-        requests = {}
+        requests: dict[int, Callable[[Server], int]] = {}
         dnat = self._dnat_revisions(f for f in self.families if plan is not None and plan.only(f).rules)
         for fam in self.families:
             want = chain_entries(plan, fam, dnat[fam]) if plan is not None and plan.only(fam).rules else None
-            tables = {table: {chain: (base, want[chain] if want else None) for chain, base in owned.items()}
-                      for table, owned in OWNED.items()}
-            requests[fam] = {"op": "write", "tables": tables}
+            tables: Tables = {table: {chain: (base, want[chain] if want else None) for chain, base in owned.items()}
+                              for table, owned in OWNED.items()}
+            requests[fam] = write_of(tables)
         if plan is None and not any(xtables.tables(fam) for fam in self.families):
             replies = self._call(requests)  # nothing to remove, and nothing is created: no lock needed
         else:
@@ -543,18 +560,15 @@ class IptablesDriver:
     def installed(self) -> Plan:
         """What the owned chains hold. Each server compares its tables with what it last reported (a read
         and a comparison: no parse) and only says "same" when nothing changed."""
-        requests = {}
-        for fam in self.families:
-            version, _ = self._known.get(fam, (-1, Plan()))
-            requests[fam] = {"op": "read", "chains": OWNED, "since": version}
+        requests = {fam: read_of(self._known.get(fam, (-1, Plan()))[0]) for fam in self.families}
         plans = []
         for fam, reply in self._call(requests).items():
-            if not reply["same"]:
-                found = Plan.read_back(read_back(fam, reply["chains"]))
+            if not reply.same:
+                found = Plan.read_back(read_back(fam, reply.chains))
                 before = self._known.get(fam)
                 if before is not None and before[1] == found:
                     found = before[1]  # the same object again: the caller's `found == applied` is then instant
-                self._known[fam] = (reply["version"], found)
+                self._known[fam] = (reply.version, found)
             plans.append(self._known[fam][1])
         if self._together is None or any(a is not b for a, b in zip(self._together[0], plans, strict=True)):
             full = [p for p in plans if p.rules]
@@ -565,11 +579,12 @@ class IptablesDriver:
     def probe(self, fam: int) -> None:
         """Create and delete an owned chain in `nat`: fails without ip_tables NAT or without the rights."""
         with xtables_lock(self.lock_wait):
-            self._call({fam: {"op": "probe", "chain": PROBE}})
+            self._call({fam: lambda server: server.probe(PROBE)})
 
     def census(self) -> list[tuple[int, str, str, int]]:
         """(family, table, chain, rules) for every chain not ours in the legacy tables that exist."""
-        requests = {fam: {"op": "census", "skip": [*CHAINS, PROBE]} for fam in self.families if xtables.tables(fam)}
+        skip = [*CHAINS, PROBE]
+        requests = {fam: (lambda server: server.census(skip)) for fam in self.families if xtables.tables(fam)}
         return [(fam, *row) for fam, rows in self._call(requests).items() for row in rows]
 
     def close(self) -> None:

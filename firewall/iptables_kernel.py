@@ -15,10 +15,25 @@ What went with the workers: both families read in parallel (the v6 table is read
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 from firewall import xtables
 from firewall.errors import FirewallBusy, FirewallError
+
+# {table: {owned chain: (the built-in chain that jumps to it, or None; its rules, or None to remove it)}}
+Tables = Mapping[str, Mapping[str, tuple[str | None, list[bytes] | None]]]
+
+
+@dataclass(frozen=True)
+class ReadBack:
+    """What `Server.read` found: `same` when nothing changed since the version asked about (then `chains` is
+    empty), else each owned chain reached from its base chain: (how many of our jumps reach it, its entries)."""
+
+    version: int
+    same: bool
+    chains: dict[str, tuple[int, list[bytes]]]
 
 
 class Seen:
@@ -57,7 +72,7 @@ class Server:
             return now is None and before is None
         return before.same(self.kernel.lay, *now)
 
-    def write(self, tables: dict[str, dict[str, tuple[str | None, list[bytes] | None]]]) -> int:
+    def write(self, tables: Tables) -> int:
         """Rewrite the owned chains of each table (None: remove them); returns the version after it.
         The caller holds the xtables lock."""
         seen: dict[str, Seen | None] = {}
@@ -82,7 +97,7 @@ class Server:
             raise refused
         return self.version
 
-    def _commit(self, name: str, owned: dict[str, tuple[str | None, list[bytes] | None]]) -> Seen:
+    def _commit(self, name: str, owned: Mapping[str, tuple[str | None, list[bytes] | None]]) -> Seen:
         """Splice `owned` into the table and replace it; returns what reading it back will give (the
         kernel keeps what we write; counters and its marks, zero in what we write, are masked)."""
         for _ in range(5):
@@ -103,14 +118,14 @@ class Server:
             return Seen(info, new.blob, new.offs)
         raise FirewallError(f"table {name} keeps changing under us")
 
-    def read(self, chains: dict[str, dict[str, str]], since: int) -> dict[str, Any]:
+    def read(self, chains: Mapping[str, Mapping[str, str]], since: int) -> ReadBack:
         """The rules of the owned chains ({table: {chain: its built-in chain}}) that are reached by a jump
         from their built-in chain, and how many such jumps there are; only `same` when nothing changed
         since the version `since` was reported."""
         present = xtables.tables(self.fam)
         raw = {t: self.kernel.read_raw(t) if t in present else None for t in chains}
         if since == self.version and all(self._unchanged(t, now) for t, now in raw.items()):
-            return {"version": since, "same": True}
+            return ReadBack(since, True, {})
         read = {t: xtables.Table(self.kernel.lay, t, *now) if now else None for t, now in raw.items()}
         self.version += 1
         self.seen = {t: Seen(v.info, v.blob, v.offs, v.raw) if v else None for t, v in read.items()}
@@ -126,7 +141,7 @@ class Server:
                 jumps = len(table.our_jumps(chain, table.by_name[base]))
                 if jumps:
                     found[chain_name] = (jumps, table.entries(chain))
-        return {"version": self.version, "same": False, "chains": found}
+        return ReadBack(self.version, False, found)
 
     def probe(self, chain: str) -> None:
         """Create and delete a chain in `nat` (fails without ip_tables NAT, or without the rights). The
@@ -150,25 +165,12 @@ class Server:
     def revision(self, target: str, revisions: list[int]) -> int | None:
         return self.kernel.target_revision(target, revisions)
 
-    def handle(self, request: dict[str, Any]) -> Any:
-        op = request.pop("op")
-        if op == "revision":
-            return self.revision(**request)
-        if op == "write":
-            return self.write(**request)
-        if op == "read":
-            return self.read(**request)
-        if op == "probe":
-            return self.probe(**request)
-        if op == "census":
-            return self.census(**request)
-        raise ValueError(f"unknown request {op!r}")
 
-
-def call(server: Server, request: dict[str, Any]) -> Any:
-    """One request, with the kernel's refusals as FirewallError (FirewallBusy where retrying helps)."""
+@contextlib.contextmanager
+def kernel_errors() -> Iterator[None]:
+    """The kernel's refusals, and tables we cannot parse, as FirewallError (FirewallBusy where retrying helps)."""
     try:
-        return server.handle(dict(request))
+        yield
     except FirewallBusy as exc:
         raise FirewallBusy(f"iptables (legacy): {exc}") from None
     except FirewallError as exc:

@@ -169,17 +169,17 @@ def test_the_drift_check_reads_only_what_changed(lab: Lab) -> None:
         entries = chain_entries(p, 4)
         tables = {t: {c: (b, entries[c]) for c, b in o.items()} for t, o in OWNED.items()}
         v = server.write(tables)
-        out = {"after_write": server.read(OWNED, v)["same"]}
+        out = {"after_write": server.read(OWNED, v).same}
         rule = "-d 100.64.0.1/32 -j DNAT --to-destination 198.18.2.2"
         subprocess.run(["iptables-legacy", "-t", "nat", "-R", "CONTAINERBOOT-PREROUTING", "1", *rule.split(),
                         "-c", "5", "50"], check=True)  # the same rule, other counters: a new table all the same
-        out["counters"] = server.read(OWNED, v)["same"]
+        out["counters"] = server.read(OWNED, v).same
         subprocess.run(["iptables-legacy", "-t", "nat", "-R", "CONTAINERBOOT-PREROUTING", "1",
                         *rule.replace("198.18.2.2", "198.18.2.9").split()], check=True)
         reply = server.read(OWNED, v)
-        out["replaced"] = reply["same"]
-        out["version"] = reply["version"] > v
-        out["same_again"] = server.read(OWNED, reply["version"])["same"]
+        out["replaced"] = reply.same
+        out["version"] = reply.version > v
+        out["same_again"] = server.read(OWNED, reply.version).same
         d = IptablesDriver()
         d.apply(p)
         subprocess.run(["iptables-legacy", "-t", "nat", "-R", "CONTAINERBOOT-PREROUTING", "1",
