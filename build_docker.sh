@@ -4,20 +4,22 @@
 #   TAGS      tags, comma-separated                               (default: $TAILSCALE_VERSION,latest)
 #   PUSH      true to push every repo:tag                         (default: false)
 #   TARGET    what to build; only "client" exists                 (default: client)
-#   PLATFORM  platforms, comma-separated: linux/amd64, linux/arm64 (default: this machine's)
-#   BASE      the base image; "{arch}" in it becomes each platform's architecture, for local single-platform
-#             bases such as scripts/base-image.sh's containerboot-base:bookworm-{arch}
+#   PLATFORM  platforms, comma-separated: linux/amd64, linux/arm64, linux/arm/v7, linux/386
+#                                                                 (default: this machine's)
+#   BASE      the base image; "{arch}" in it becomes each platform's token (amd64, arm64, armv7, 386), for
+#             local single-platform bases such as scripts/base-image.sh's containerboot-base:bookworm-{arch}
 #                                                                 (default: debian:bookworm-slim)
 #   TAILSCALE_VERSION  tailscale.com version of tailscaled/tailscale (default: versions.env)
 # Per platform it builds tailscaled (Go, cross-compiled) and installs the Python packages (wheels cached by
-# scripts/image-wheels.sh) into docker/.build on this host, then builds the image with the classic builder,
-# which runs another platform's RUN steps under qemu (scripts/qemu-binfmt.sh).
-# One platform: the image is tagged repo:tag. Several: each platform's image is tagged repo:tag-<arch>
+# scripts/image-wheels.sh) into .build/ of a copy of docker/ on this host, then builds the image with the
+# classic builder, which runs an arm platform's RUN steps under qemu (scripts/qemu-binfmt.sh) and 386's
+# natively (this x86_64 kernel runs 32-bit x86 programs).
+# One platform: the image is tagged repo:tag. Several: each platform's image is tagged repo:tag-<token>
 # (an image store of engine 20.10 holds one platform per tag), and with PUSH=true those are pushed and a
 # manifest list repo:tag naming them all is created and pushed (`docker manifest`, --insecure so that a
 # registry on 127.0.0.1 over plain HTTP works).
-# Prints each local image reference on stdout; on stderr, per image, the size of each layer and
-# "image size: N MB (B bytes), <platform>".
+# Prints each local image reference on stdout; on stderr, per image, the size of each layer,
+# "image size: N MB (B bytes), <platform>" and "build time: N s, <platform>".
 set -euo pipefail
 cd "$(dirname "$0")"
 # shellcheck source=/dev/null
@@ -32,18 +34,47 @@ TAGS=${TAGS:-$TAILSCALE_VERSION,latest}
 PUSH=${PUSH:-false}
 BASE=${BASE:-debian:bookworm-slim}
 host_arch=$(dpkg --print-architecture)
-PLATFORM=${PLATFORM:-linux/$host_arch}
 export TAILSCALE_VERSION
 
+# The one table of this script's platform names, a row per platform upstream builds:
+#   platform: Docker's (OCI's) os/architecture[/variant], as given in PLATFORM and printed
+#   token:    the platform in one word: "{arch}" in BASE, the -<token> tag suffix, scripts/base-image.sh's tag
+#   deb:      Debian's architecture (dpkg --print-architecture): which row this machine is
+#   goarch, goarm: Go's GOARCH and GOARM (- for none) for scripts/build-go.sh --image
+#   pyarch:   the machine in pip's platform tag, linux_<pyarch> (uname -m of that platform)
+PLATFORMS='
+linux/amd64   amd64  amd64  amd64  -  x86_64
+linux/arm64   arm64  arm64  arm64  -  aarch64
+linux/arm/v7  armv7  armhf  arm    7  armv7l
+linux/386     386    i386   386    -  i686
+'
+# Other spellings Docker takes for the same platforms.
+canonical() {
+  case $1 in
+    linux/arm64/v8) echo linux/arm64 ;;
+    linux/arm) echo linux/arm/v7 ;;
+    linux/i386) echo linux/386 ;;
+    *) echo "$1" ;;
+  esac
+}
+# row FIELD VALUE: the row whose FIELD (1-based column) is VALUE, or nothing.
+row() { awk -v f="$1" -v v="$2" '$f == v { print; exit }' <<<"$PLATFORMS"; }
+
+if [ -z "${PLATFORM:-}" ]; then
+  PLATFORM=$(row 3 "$host_arch" | awk '{ print $1 }')
+  [ -n "$PLATFORM" ] || { echo "no image platform for this machine's architecture $host_arch" >&2; exit 1; }
+fi
 IFS=, read -r -a repos <<<"$REPOS"
 IFS=, read -r -a tags <<<"$TAGS"
-IFS=, read -r -a platforms <<<"$PLATFORM"
-arches=()
-for p in "${platforms[@]}"; do
-  case $p in
-    linux/amd64 | linux/arm64 | linux/arm64/v8) arches+=("$(echo "$p" | cut -d/ -f2)") ;;
-    *) echo "unsupported platform: $p (linux/amd64, linux/arm64)" >&2; exit 1 ;;
-  esac
+IFS=, read -r -a given <<<"$PLATFORM"
+platforms=()
+for p in "${given[@]}"; do
+  p=$(canonical "$p")
+  if [ -z "$(row 1 "$p")" ]; then
+    echo "unsupported platform: $p ($(awk 'NF { printf "%s%s", s, $1; s = ", " }' <<<"$PLATFORMS"))" >&2
+    exit 1
+  fi
+  platforms+=("$p")
 done
 refs=()
 for repo in "${repos[@]}"; do
@@ -53,39 +84,51 @@ for repo in "${repos[@]}"; do
 done
 
 scripts/install-deps.sh >/dev/null
-for arch in "${arches[@]}"; do
-  [ "$arch" = "$host_arch" ] || scripts/qemu-binfmt.sh "$arch"
+for p in "${platforms[@]}"; do
+  # binfmt_misc handlers for the platforms this kernel does not run itself (qemu-binfmt.sh skips the others).
+  read -r _ _ deb _ <<<"$(row 1 "$p")"
+  [ "$deb" = "$host_arch" ] || scripts/qemu-binfmt.sh "$deb"
 done
 
-ctx=docker/.build
+# A private work directory per run: the build context (docker/ copied, with .build/ inside) and a copy of the
+# project's source for its wheel, so that two builds in one tree at once (test modules, people) never empty
+# each other's context or share setuptools' build/ directory, where a module since renamed or deleted would
+# linger and ship in the image.
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mkdir "$work/context" "$work/src"
+tar -C docker --exclude=./.build -cf - . | tar -C "$work/context" -xf -
+tar --exclude=__pycache__ -cf - pyproject.toml containerboot firewall | tar -C "$work/src" -xf -
+ctx=$work/context/.build
 mb() { awk -v b="$1" 'BEGIN { printf "%.1f MB", b / 1e6 }'; }
 
-build_one() {  # arch, then the references to tag
-  local arch=$1 bindir wheels base args=() ref
+build_one() {  # platform, then the references to tag
+  local platform=$1 token deb goarch goarm pyarch bindir wheels base args=() ref started=$SECONDS
   shift
-  bindir=$(GOARCH=$arch scripts/build-go.sh --image | head -n 1)
-  wheels=$(scripts/image-wheels.sh "linux/$arch")
+  read -r _ token deb goarch goarm pyarch <<<"$(row 1 "$platform")"
+  local goenv=("GOARCH=$goarch")
+  [ "$goarm" = - ] || goenv+=("GOARM=$goarm")
+  bindir=$(env "${goenv[@]}" scripts/build-go.sh --image | head -n 1)
+  wheels=$(scripts/image-wheels.sh "$platform")
   rm -rf "$ctx"
   mkdir -p "$ctx/bin" "$ctx/lib" "$ctx/wheels"
   # One tailscaled binary that is also the CLI when called as `tailscale` (ts_include_cli): 20 MB smaller.
   cp "$bindir/tailscaled" "$ctx/bin/tailscaled"
   ln -s tailscaled "$ctx/bin/tailscale"
-  # setuptools builds the wheel from ./build/lib without emptying it: a module since renamed or deleted
-  # would ship in the image.
-  rm -rf build
-  .venv/bin/pip wheel -q --no-deps --wheel-dir "$ctx/wheels" . >/dev/null
-  local pyarch
-  pyarch=$([ "$arch" = arm64 ] && echo aarch64 || echo x86_64)
+  # From a fresh copy each time: setuptools builds the wheel from build/lib without emptying it.
+  rm -rf "$work/src/build"
+  .venv/bin/pip wheel -q --no-deps --wheel-dir "$ctx/wheels" "$work/src" >/dev/null
   .venv/bin/pip install -q --no-deps --target "$ctx/lib" --platform "linux_$pyarch" --python-version 3.11 \
     --implementation cp --abi cp311 "$wheels"/*.whl "$ctx"/wheels/*.whl >/dev/null
   python3 scripts/image-pylib.py "$ctx/lib" containerboot firewall >&2
   rm -rf "$ctx/wheels" "$ctx"/lib/bin "$ctx"/lib/*.dist-info/RECORD
   find "$ctx/lib" -name __pycache__ -prune -exec rm -rf {} +
 
-  base=${BASE//\{arch\}/$arch}
+  base=${BASE//\{arch\}/$token}
   for ref in "$@"; do args+=(-t "$ref"); done
   local log
-  if ! log=$(DOCKER_BUILDKIT=0 docker build --platform "linux/$arch" --build-arg "BASE=$base" "${args[@]}" docker 2>&1)
+  if ! log=$(DOCKER_BUILDKIT=0 docker build --platform "$platform" --build-arg "BASE=$base" "${args[@]}" \
+               "$work/context" 2>&1)
   then
     echo "$log" >&2
     exit 1
@@ -93,24 +136,29 @@ build_one() {  # arch, then the references to tag
 
   local size names=(system tailscaled containerboot) i=0 bytes what
   size=$(docker image inspect --format '{{.Size}}' "$1")
-  echo "layers of $1 (linux/$arch):" >&2
+  echo "layers of $1 ($platform):" >&2
   while IFS=$'\t' read -r bytes what; do
     [ "$bytes" = 0 ] && continue
     printf '  %10s  %s\n' "$(mb "$bytes")" "${names[i]:-$what}" >&2
     i=$((i + 1))
   done < <(docker history --human=false --no-trunc --format '{{.Size}}\t{{.CreatedBy}}' "$1" | tac)
-  echo "image size: $((size / 1000 / 1000)) MB ($size bytes), linux/$arch" >&2
+  echo "image size: $((size / 1000 / 1000)) MB ($size bytes), $platform" >&2
+  echo "build time: $((SECONDS - started)) s, $platform" >&2
 }
 
+# The tag suffix of each platform's image when there are several (one per platform, in PLATFORM's order).
+suffix() { row 1 "$1" | awk '{ print "-" $2 }'; }
+
 local_refs=()
-if [ ${#arches[@]} -eq 1 ]; then
-  build_one "${arches[0]}" "${refs[@]}"
+if [ ${#platforms[@]} -eq 1 ]; then
+  build_one "${platforms[0]}" "${refs[@]}"
   local_refs=("${refs[@]}")
 else
-  for arch in "${arches[@]}"; do
+  for p in "${platforms[@]}"; do
     arch_refs=()
-    for ref in "${refs[@]}"; do arch_refs+=("$ref-$arch"); done
-    build_one "$arch" "${arch_refs[@]}"
+    s=$(suffix "$p")
+    for ref in "${refs[@]}"; do arch_refs+=("$ref$s"); done
+    build_one "$p" "${arch_refs[@]}"
     local_refs+=("${arch_refs[@]}")
   done
 fi
@@ -118,10 +166,10 @@ for ref in "${local_refs[@]}"; do echo "$ref"; done
 
 if [ "$PUSH" = "true" ]; then
   for ref in "${local_refs[@]}"; do docker push -q "$ref" >&2; done
-  if [ ${#arches[@]} -gt 1 ]; then
+  if [ ${#platforms[@]} -gt 1 ]; then
     for ref in "${refs[@]}"; do
       members=()
-      for arch in "${arches[@]}"; do members+=("$ref-$arch"); done
+      for p in "${platforms[@]}"; do members+=("$ref$(suffix "$p")"); done
       docker manifest rm "$ref" >/dev/null 2>&1 || true
       docker manifest create --insecure "$ref" "${members[@]}" >/dev/null
       docker manifest push --insecure --purge "$ref" >&2

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # No registry is reachable here, so the Dockerfile's base comes from Debian's packages: debootstrap a
 # minimal bookworm root, slim it the way debian:bookworm-slim is slimmed, and load it into Docker.
-#   scripts/base-image.sh [PLATFORM]     PLATFORM: linux/amd64 or linux/arm64 (default: this machine's)
+#   scripts/base-image.sh [PLATFORM]     PLATFORM: linux/amd64, linux/arm64, linux/arm/v7 or linux/386
+#                                        (default: this machine's)
 # Prints the image reference: containerboot-base:bookworm for this machine's architecture, and
 # containerboot-base:bookworm-<arch> for another (that tag is set for this machine's architecture too, so
 # BASE='containerboot-base:bookworm-{arch}' names the right one for every platform in build_docker.sh).
-# A foreign root is made with `debootstrap --foreign` and its second stage run in a chroot under qemu
-# (scripts/qemu-binfmt.sh); about 2 minutes for arm64 on 2 cores, against 1 natively.
+# <arch> is build_docker.sh's token for the platform: amd64, arm64, armv7, 386.
+# A root of another Debian architecture is made with `debootstrap --foreign` and its second stage run in a
+# chroot: under qemu for arm64 and armhf (scripts/qemu-binfmt.sh), natively for i386 (this kernel runs
+# 32-bit x86); about 2 minutes for arm64 on 2 cores, against 1 natively.
 # The rootfs tarball is cached under $CACHE/base, named after the architecture and a hash of the recipe
 # below (suite, variant, what is left out); the image carries that hash in a label, so a changed recipe
 # makes a new tarball and a new image, and a warm machine only loads the tarball (or does nothing).
@@ -19,14 +22,19 @@ MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
 host_arch=$(dpkg --print-architecture)
 platform=${1:-linux/$host_arch}
-arch=${platform#linux/}
-arch=${arch%%/*}
-case $arch in
-  amd64 | arm64) ;;
-  *) echo "base-image: unsupported platform $platform (linux/amd64, linux/arm64)" >&2; exit 1 ;;
+# The one mapping of this script. arch: the tag's token (build_docker.sh's "{arch}"), also naming the cached
+# tarball; deb: Debian's architecture (debootstrap --arch); oci: the image config's architecture
+# (docker-archive.py adds arm's variant v7 and arm64's v8 itself).
+case $platform in
+  linux/amd64) arch=amd64 deb=amd64 oci=amd64 ;;
+  linux/arm64 | linux/arm64/v8) arch=arm64 deb=arm64 oci=arm64 ;;
+  linux/arm/v7 | linux/arm) arch=armv7 deb=armhf oci=arm ;;
+  linux/386 | linux/i386) arch=386 deb=i386 oci=386 ;;
+  *) echo "base-image: unsupported platform $platform (linux/amd64, linux/arm64, linux/arm/v7, linux/386)" >&2
+     exit 1 ;;
 esac
 ref=$IMAGE
-[ "$arch" = "$host_arch" ] || ref=$IMAGE-$arch
+[ "$deb" = "$host_arch" ] || ref=$IMAGE-$arch
 
 # What debian:*-slim leaves out: documentation, manuals and translations.
 SLIM='path-exclude /usr/share/doc/*
@@ -53,11 +61,11 @@ if [ ! -f "$tarball" ]; then
   trap 'rm -rf "$root"' EXIT
   mkdir -p "$root/etc/dpkg/dpkg.cfg.d"
   printf '%s\n' "$SLIM" > "$root/etc/dpkg/dpkg.cfg.d/slim"
-  if [ "$arch" = "$host_arch" ]; then
+  if [ "$deb" = "$host_arch" ]; then
     debootstrap --variant=minbase "$SUITE" "$root" "$MIRROR" >/dev/null
   else
-    scripts/qemu-binfmt.sh "$arch"
-    debootstrap --arch="$arch" --variant=minbase --foreign "$SUITE" "$root" "$MIRROR" >/dev/null
+    scripts/qemu-binfmt.sh "$deb"
+    debootstrap --arch="$deb" --variant=minbase --foreign "$SUITE" "$root" "$MIRROR" >/dev/null
     chroot "$root" /debootstrap/debootstrap --second-stage >/dev/null
   fi
   cat > "$root/etc/apt/sources.list" <<SRC
@@ -75,7 +83,7 @@ SRC
   tar -C "$root" --numeric-owner -cf "$tarball.tmp" .
   mv "$tarball.tmp" "$tarball"
 fi
-python3 scripts/docker-archive.py "$tarball" "$IMAGE-$arch" "$arch" "containerboot.base.key=$key" \
+python3 scripts/docker-archive.py "$tarball" "$IMAGE-$arch" "$oci" "containerboot.base.key=$key" \
   | docker load >/dev/null
 [ "$ref" = "$IMAGE-$arch" ] || docker tag "$IMAGE-$arch" "$ref"
 echo "$ref"

@@ -119,9 +119,16 @@ IMAGE_TAGS+=,ts_omit_webbrowser,ts_omit_colorable,ts_omit_debugeventbus,ts_omit_
 if [ "${1:-}" = "--image" ]; then
   # GOARCH picks the image's architecture (default: this machine's; another one gets its own directory, with
   # a -GOARCH suffix). A cross build has cgo off, so it is static, as upstream's release binaries are.
+  # GOARCH=arm also takes GOARM, 7 unless given: the image's platform is linux/arm/v7, and ARMv7 with hardware
+  # floating point is Debian armhf's baseline too. It goes into the suffix (-armv7): binaries differ by GOARM.
   goarch=${GOARCH:-$(go env GOHOSTARCH)}
   image=$CACHE/bin/tailscaled-image-$TAILSCALE_VERSION-$(echo "$IMAGE_TAGS" | sha1sum | cut -c1-8)
-  [ "$goarch" = "$(go env GOHOSTARCH)" ] || image+=-$goarch
+  if [ "$goarch" = arm ]; then
+    export GOARM=${GOARM:-7}
+    image+=-armv$GOARM
+  elif [ "$goarch" != "$(go env GOHOSTARCH)" ]; then
+    image+=-$goarch
+  fi
   if [ ! -x "$image/tailscaled" ]; then
     mkdir -p "$image"
     if [ "$goarch" = "$(go env GOHOSTARCH)" ]; then

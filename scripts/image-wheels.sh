@@ -2,18 +2,28 @@
 # Wheels of the project's Python dependencies (pyproject.toml's [project] dependencies) for the image's
 # platform, cached: prints the directory, $CACHE/wheels/<arch>-<key>, key = a hash of the dependency list,
 # the architecture and the Python of Debian 12 the image runs (3.11).
-#   scripts/image-wheels.sh [PLATFORM]     linux/amd64 or linux/arm64 (default: this machine's)
+#   scripts/image-wheels.sh [PLATFORM]     linux/amd64, linux/arm64, linux/arm/v7 or linux/386
+#                                          (default: this machine's)
 # This machine's architecture: `pip wheel` here (the venv's Python is Debian's 3.11, as in the image).
-# Another one: the pure-Python wheels from here, and each wheel with compiled code (python-iptables' small C
-# library) built again from its sdist in a container of that platform under qemu (scripts/qemu-binfmt.sh),
-# from the base image scripts/base-image.sh makes, with Debian's pip and gcc: about 2 minutes, once.
+# Another one: the pure-Python wheels from here, and each wheel with compiled code (none today: click is pure
+# Python) built again from its sdist in a container of that platform (under qemu for arm,
+# scripts/qemu-binfmt.sh), from the base image scripts/base-image.sh makes, with Debian's pip and gcc: about
+# 2 minutes, once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${CONTAINERBOOT_CACHE:-/var/cache/containerboot}
 host_arch=$(dpkg --print-architecture)
 platform=${1:-linux/$host_arch}
-arch=${platform#linux/}
-arch=${arch%%/*}
+# arch: build_docker.sh's token for the platform, naming the cache directory; deb: Debian's architecture,
+# to tell this machine's own (whose wheels pip builds here) from another.
+case $platform in
+  linux/amd64) arch=amd64 deb=amd64 ;;
+  linux/arm64 | linux/arm64/v8) arch=arm64 deb=arm64 ;;
+  linux/arm/v7 | linux/arm) arch=armv7 deb=armhf platform=linux/arm/v7 ;;
+  linux/386 | linux/i386) arch=386 deb=i386 platform=linux/386 ;;
+  *) echo "image-wheels: unsupported platform $platform (linux/amd64, linux/arm64, linux/arm/v7, linux/386)" >&2
+     exit 1 ;;
+esac
 deps=$(python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
 key=$(printf '%s\n' "$deps" "$arch" cp311-bookworm | sha1sum | cut -c1-10)
 out=$CACHE/wheels/$arch-$key
@@ -26,7 +36,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 mapfile -t reqs <<<"$deps"
 .venv/bin/pip wheel -q --wheel-dir "$tmp/wheels" "${reqs[@]}" >/dev/null
-if [ "$arch" != "$host_arch" ]; then
+if [ "$deb" != "$host_arch" ]; then
   mkdir -p "$tmp/sdist" "$tmp/out"
   for whl in "$tmp"/wheels/*.whl; do
     case $whl in *-none-any.whl) continue ;; esac
@@ -37,9 +47,9 @@ if [ "$arch" != "$host_arch" ]; then
   done
   if compgen -G "$tmp/sdist/*" >/dev/null; then
     scripts/qemu-binfmt.sh "$arch"
-    base=$(scripts/base-image.sh "linux/$arch")
+    base=$(scripts/base-image.sh "$platform")
     # apt-get reaches Debian's mirror through Docker's bridge, as the image build's own apt-get does.
-    docker run --rm --platform "linux/$arch" -v "$tmp:/w" "$base" sh -ec '
+    docker run --rm --platform "$platform" -v "$tmp:/w" "$base" sh -ec '
       apt-get update -q >/dev/null
       DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-pip gcc libc6-dev >/dev/null
       pip wheel -q --no-deps --no-build-isolation --no-index --wheel-dir /w/out /w/sdist/*'

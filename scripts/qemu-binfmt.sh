@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Lets this amd64 machine run arm64 binaries (the arm64 image's RUN steps, its tests) through Debian's
-# qemu-user-static (installed by install-deps.sh): mounts binfmt_misc if needed and registers the aarch64
-# handler with the F flag, so the kernel opens the interpreter once, here, and it works inside chroots and
-# containers that do not carry it. Idempotent. Usage: scripts/qemu-binfmt.sh [ARCH...] (default: arm64).
+# Lets this amd64 machine run arm64 and 32-bit arm binaries (those images' RUN steps, their tests) through
+# Debian's qemu-user-static (installed by install-deps.sh): mounts binfmt_misc if needed and registers the
+# aarch64 or arm handler with the F flag, so the kernel opens the interpreter once, here, and it works inside
+# chroots and containers that do not carry it. Idempotent. Usage: scripts/qemu-binfmt.sh [ARCH...] (default:
+# arm64). ARCH is a Debian, Docker or build_docker.sh name (arm64, armhf/arm/armv7, amd64, i386/386); an x86
+# one on an x86_64 kernel needs nothing: the kernel runs 32-bit x86 itself (IA32 emulation).
 set -euo pipefail
 binfmt=/proc/sys/fs/binfmt_misc
 if [ ! -e "$binfmt/register" ]; then
@@ -11,7 +13,9 @@ fi
 for arch in "${@:-arm64}"; do
   case $arch in
     arm64 | aarch64) name=qemu-aarch64 ;;
+    armhf | arm | armv7 | armv7l) name=qemu-arm ;;
     amd64 | x86_64) [ "$(uname -m)" = x86_64 ] && continue; name=qemu-x86_64 ;;
+    i386 | 386 | i686) [ "$(uname -m)" = x86_64 ] && continue; name=qemu-i386 ;;
     *) echo "qemu-binfmt: unsupported architecture $arch" >&2; exit 1 ;;
   esac
   conf=/usr/lib/binfmt.d/$name.conf
