@@ -1,13 +1,15 @@
-"""The linux/arm64 image, run on this amd64 machine under qemu-user, and the two-platform manifest list.
+"""The images of upstream's four platforms from one build, their manifest list, and the arm images under qemu.
 
-One build_docker.sh run makes both platforms (PLATFORM=linux/amd64,linux/arm64) from the offline bases of
-scripts/base-image.sh and, with PUSH=true, pushes them and their manifest list to a registry on 127.0.0.1
-(Debian's docker-registry); pulls by platform must give each architecture's image. The arm64 image is
-then run under emulation (binfmt_misc with qemu-aarch64, scripts/qemu-binfmt.sh): the plan, detection,
-a userspace boot that joins headscale and serves SOCKS5, and the operator's sysctl init container.
+One build_docker.sh run makes linux/amd64, linux/arm64, linux/arm/v7 and linux/386 (PLATFORM lists all four)
+from the offline bases of scripts/base-image.sh and, with PUSH=true, pushes them and their manifest list to
+a registry on 127.0.0.1 (Debian's docker-registry); a pull by platform must give each architecture's very
+image. The arm images (arm64 and arm/v7) are then run on this amd64 machine under emulation (binfmt_misc with
+qemu-aarch64 and qemu-arm, scripts/qemu-binfmt.sh): the plan, detection, a userspace boot that joins
+headscale and serves SOCKS5, and the operator's sysctl init container. The 386 image runs natively; its
+kernel-mode tests are tests/i386's.
 
 qemu-user refuses netfilter's netlink socket and legacy iptables' socket options, so no rule is ever
-installed here: kernel mode on arm64 is left to real arm64 machines. headscale, the web backend and the
+installed here: kernel mode on arm is left to real arm machines. headscale, the web backend and the
 tailnet peer in front of it are the amd64 image and binaries, natively. --privileged fails on this
 machine, so the sysctl test gets a writable /proc/sys from systempaths=unconfined, as tests/docker does.
 """
@@ -22,24 +24,37 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.conftest import ROOT, need
-from tests.docker.test_image import SOCKS5_FETCH, docker, kernel_args
 from tests.lab.fakes import wait_for
-from tests.lab.tailnet import binaries, have_binaries, write_control_files
+from tests.lab.images import (
+    SOCKS5_FETCH,
+    Build,
+    Lab,
+    base_image,
+    build_image,
+    docker,
+    headscale_image,
+    inspect_image,
+    kernel_args,
+    need_docker,
+)
+from tests.lab.platforms import ALL, AMD64, EMULATED, Platform, image_sizes
 
 pytestmark = pytest.mark.docker
 
-ARM64 = "linux/arm64"
-NET_PREFIX = "198.18.201"
-CONTROL_IP = f"{NET_PREFIX}.2"
-BACKEND_IP = f"{NET_PREFIX}.3"
 NAME = f"cba{os.getpid()}"
+SUBNET = "198.18.201.0/24"
+BASE = "containerboot-base:bookworm-{arch}"
 HEADSCALE_IMAGE = "containerboot-test-headscale:arm64-lab"
+TAG = "test"
+
+emulated = pytest.mark.parametrize("platform", EMULATED, ids=lambda p: p.token)
+every = pytest.mark.parametrize("platform", ALL, ids=lambda p: p.token)
 
 
 def free_port() -> int:
@@ -80,157 +95,149 @@ class Registry:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class Lab:
-    """headscale and a web backend on a Docker network, the images of both platforms, the registry."""
+@dataclass
+class Images:
+    """The one four-platform build: its log and each platform's image, pushed with the list to `registry`."""
 
-    def __init__(self, lab_dir: Path, registry: Registry, build: subprocess.CompletedProcess[str]) -> None:
-        self.dir = lab_dir
-        self.registry = registry
-        self.build = build
-        self.repo = f"{registry.host}/containerboot-test"
-        self.amd64, self.arm64 = f"{self.repo}:test-amd64", f"{self.repo}:test-arm64"
-        self.network = f"{NAME}-net"
-        self.containers: list[str] = []
-        self.images: list[str] = [self.amd64, self.arm64]
+    registry: Registry
+    build: Build
+    repo: str
+    lab: Lab
 
-    def run(self, name: str, *args: str, image: str, env: dict[str, str] | None = None,
-            command: tuple[str, ...] = (), mount: str = "ro") -> str:
-        full = f"{NAME}-{name}"
-        env_args = [a for k, v in (env or {}).items() for a in ("-e", f"{k}={v}")]
-        docker("run", "-d", "--name", full, "--network", self.network, "-v", f"{self.dir}:/lab:{mount}", *env_args,
-               *args, image, *command)
-        self.containers.append(full)
-        return full
+    def ref(self, platform: Platform) -> str:
+        return f"{self.repo}:{TAG}-{platform.token}"
 
-    def hs(self, *args: str) -> str:
-        return docker("exec", f"{NAME}-hs", "headscale", "-c", "/lab/headscale.yaml", *args).stdout
+    @property
+    def manifest_list(self) -> str:
+        return f"{self.repo}:{TAG}"
 
-    def node_env(self, **extra: str) -> dict[str, str]:
-        out = self.hs("preauthkeys", "create", "--user", "1", "--expiration", "1h", "--reusable", "-o", "json")
-        return {"TS_AUTHKEY": str(json.loads(out)["key"]), "TS_EXTRA_ARGS": f"--login-server=https://{CONTROL_IP}",
-                "SSL_CERT_FILE": "/lab/control.crt", "TS_NO_LOGS_NO_SUPPORT": "true", **extra}
-
-    def tailnet_ip(self, container: str, timeout: float) -> str:
-        def ip() -> str | None:
-            proc = docker("exec", container, "tailscale", "status", "--json", check=False)
-            st = json.loads(proc.stdout) if proc.returncode == 0 else {}
-            if st.get("BackendState") != "Running":
-                return None
-            return next((a for a in st.get("Self", {}).get("TailscaleIPs") or [] if "." in a), None)
-        found = wait_for(ip, timeout, 1)
-        assert found, f"{container} did not join:\n{self.logs(container)}"
-        return str(found)
-
-    def logs(self, container: str) -> str:
-        proc = docker("logs", container, check=False)
-        return proc.stdout + proc.stderr
-
-    def close(self) -> None:
-        for c in self.containers:
-            docker("rm", "-f", c, check=False)
-        docker("network", "rm", self.network, check=False)
-        for image in self.images:
-            docker("rmi", image, check=False)
+    def run(self, platform: Platform, *args: str, entrypoint: str | None = None) -> subprocess.CompletedProcess[str]:
+        """`docker run --rm` of that platform's image without a network; args: docker options, "--", the
+        command's arguments."""
+        split = args.index("--") if "--" in args else len(args)
+        extra = ["--entrypoint", entrypoint] if entrypoint else []
+        return docker("run", "--rm", "--platform", platform.name, "--network", "none", *extra, *args[:split],
+                      self.ref(platform), *args[split + 1:], check=False)
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    need(shutil.which("docker") is not None and docker("info", check=False).returncode == 0,
-         "needs a Docker engine (scripts/docker-engine.sh)")
-    need(have_binaries(), "needs headscale: run scripts/build-go.sh")
+def images() -> Iterator[Images]:
+    need_docker()
     need(os.geteuid() == 0, "needs root to register qemu with binfmt_misc")
-    need(Path("/usr/lib/binfmt.d/qemu-aarch64.conf").exists() and shutil.which("docker-registry") is not None,
+    need(all(Path(f"/usr/lib/binfmt.d/{q}.conf").exists() for q in ("qemu-aarch64", "qemu-arm"))
+         and shutil.which("docker-registry") is not None,
          "needs qemu-user-static and docker-registry (scripts/install-deps.sh)")
-    subprocess.run([str(ROOT / "scripts/qemu-binfmt.sh"), "arm64"], check=True)
-    base = subprocess.run([str(ROOT / "scripts/base-image.sh")], capture_output=True, text=True, check=True)
-    start = time.monotonic()
-    subprocess.run([str(ROOT / "scripts/base-image.sh"), ARM64], capture_output=True, text=True, check=True)
-    print(f"\narm64 base image: {time.monotonic() - start:.0f} s")
+    subprocess.run([str(ROOT / "scripts/qemu-binfmt.sh"), *(p.token for p in EMULATED)], check=True)
+    # Each base is debootstrapped once and cached under /var/cache/containerboot/base (about 1 minute natively,
+    # 2 to 6 under qemu); after that this only loads or finds the image.
+    for platform in ALL:
+        start = time.monotonic()
+        base_image(platform.name)
+        print(f"\n{platform.name} base image: {time.monotonic() - start:.0f} s", end="")
+    amd64_base = base_image()
 
     registry = Registry()
-    lab_dir = Path(tempfile.mkdtemp(prefix="cbarm"))
+    lab: Lab | None = None
+    repo = f"{registry.host}/containerboot-test"
+    built: list[str] = []
     try:
-        start = time.monotonic()
-        build = subprocess.run([str(ROOT / "build_docker.sh")], capture_output=True, text=True,
-                               env={**os.environ, "PLATFORM": "linux/amd64,linux/arm64",
-                                    "BASE": "containerboot-base:bookworm-{arch}",
-                                    "REPOS": f"{registry.host}/containerboot-test", "TAGS": "test", "PUSH": "true"})
-        assert build.returncode == 0, build.stdout + build.stderr
-        print(f"two-platform build and push: {time.monotonic() - start:.0f} s")
-        print("\n".join(line for line in build.stderr.splitlines() if line.startswith(("image size", "layers", "  "))))
-        result = Lab(lab_dir, registry, build)
-
-        ctx = Path(tempfile.mkdtemp(prefix="cbhs"))
-        shutil.copy(binaries()["headscale"], ctx / "headscale")
-        (ctx / "Dockerfile").write_text(f"FROM {base.stdout.strip()}\nCOPY headscale /usr/local/bin/headscale\n"
-                                        'ENTRYPOINT ["/usr/local/bin/headscale"]\n')
-        docker("build", "-q", "-t", HEADSCALE_IMAGE, str(ctx))
-        shutil.rmtree(ctx)
-
-        lab_dir.chmod(0o755)
-        write_control_files(lab_dir, CONTROL_IP, paths_in="/lab")
-        shutil.copy(ROOT / "tests/lab/echo_server.py", lab_dir / "echo_server.py")
-        for f in lab_dir.iterdir():
-            f.chmod(0o644)
-        docker("network", "create", "--subnet", f"{NET_PREFIX}.0/24", result.network)
-        result.run("hs", "--ip", CONTROL_IP, image=HEADSCALE_IMAGE, command=("serve", "-c", "/lab/headscale.yaml"),
-                   mount="rw")
-        assert wait_for(lambda: docker("exec", f"{NAME}-hs", "headscale", "-c", "/lab/headscale.yaml", "users",
-                                       "list", check=False).returncode == 0, 30), result.logs(f"{NAME}-hs")
-        result.hs("users", "create", "lab")
-        result.run("backend", "--ip", BACKEND_IP, "--entrypoint", "python3", image=result.amd64,
-                   command=("/lab/echo_server.py", "backend", "0.0.0.0", "8080"))
-        yield result
-        result.close()
+        build = build_image(repo, TAG, platform=",".join(p.name for p in ALL), base=BASE, push=True)
+        built = build.refs
+        print(f"\nfour-platform build and push: {build.seconds:.0f} s")
+        print("\n".join(line for line in build.log.splitlines()
+                        if line.startswith(("image size", "build time", "layers", "  "))))
+        lab = Lab(NAME, SUBNET, image=f"{repo}:{TAG}-{AMD64.token}",
+                  headscale_image=headscale_image(amd64_base, HEADSCALE_IMAGE))
+        lab.start()
+        yield Images(registry, build, repo, lab)
     finally:
+        if lab is not None:
+            lab.close()
+        for ref in [*built, f"{repo}:{TAG}"]:
+            docker("rmi", ref, check=False)
         registry.close()
-        shutil.rmtree(lab_dir, ignore_errors=True)
 
 
-def run_arm64(lab: Lab, *args: str, entrypoint: str | None = None) -> subprocess.CompletedProcess[str]:
-    """`docker run` of the arm64 image without a network; args: docker options, "--", the command's arguments."""
-    split = args.index("--") if "--" in args else len(args)
-    extra = ["--entrypoint", entrypoint] if entrypoint else []
-    return docker("run", "--rm", "--platform", ARM64, "--network", "none", *extra, *args[:split], lab.arm64,
-                  *args[split + 1:], check=False)
+@pytest.fixture(scope="module")
+def peer(images: Images) -> str:
+    """A tailnet peer: the amd64 image as a kernel-mode proxy in front of the backend, natively; its address."""
+    lab = images.lab
+    container = lab.run("peer", *kernel_args(), env=lab.node_env(TS_USERSPACE="false", TS_DEST_IP=lab.backend_ip))
+    return lab.tailnet_ip(container, 60)
 
 
-def inspect_image(ref: str) -> dict[str, Any]:
-    return dict(json.loads(docker("image", "inspect", ref).stdout)[0])
+def test_four_images_built_small_in_one_run(images: Images) -> None:
+    sizes = image_sizes(images.build.log)
+    assert list(sizes) == [p.name for p in ALL], sizes
+    assert all(b < 100_000_000 for b in sizes.values()), sizes
+    assert images.build.refs == [images.ref(p) for p in ALL]
 
 
-def test_both_images_built_small_and_for_their_platform(lab: Lab) -> None:
-    sizes = {line.rsplit(" ", 1)[1]: int(line.split()[2]) for line in lab.build.stderr.splitlines()
-             if line.startswith("image size: ")}
-    assert sizes.keys() == {"linux/amd64", "linux/arm64"} and all(s < 100 for s in sizes.values()), sizes
-    assert lab.build.stdout.split() == [lab.amd64, lab.arm64]
-    assert inspect_image(lab.arm64)["Architecture"] == "arm64"
-    assert inspect_image(lab.amd64)["Architecture"] == "amd64"
-    assert run_arm64(lab, "--", "-m", entrypoint="uname").stdout.strip() == "aarch64"
+@every
+def test_image_is_of_its_platform(images: Images, platform: Platform) -> None:
+    config = inspect_image(images.ref(platform))
+    assert (config["Os"], config["Architecture"], config.get("Variant", "")) == \
+        ("linux", platform.architecture, platform.variant), config
+    uname = images.run(platform, "--", "-m", entrypoint="uname")
+    assert uname.stdout.strip() == platform.machine, uname
+    pointer = images.run(platform, "--", "-c", "import ctypes; print(ctypes.sizeof(ctypes.c_void_p))",
+                         entrypoint="python3")
+    assert pointer.stdout.strip() == str(platform.pointer_bytes), pointer
 
 
-def test_manifest_list_pulls_each_platform(lab: Lab) -> None:
-    ref = f"{lab.repo}:test"
+# The legacy iptables writer's struct layout as each image's own Python derives it, against the kernel's UAPI
+# sizes for that ABI (x86_64 and arm64: 64-bit; i386: 64-bit values 4-aligned; 32-bit ARM EABI: 4-byte
+# pointers, 64-bit values 8-aligned): ipt_entry, ip6t_entry and where its counters are, ipt_replace,
+# ipt_get_entries, xt_counters_info, then the standard target, the tcp match and DNAT revision 2 as written.
+UAPI = {8: ([112, 168, 152, 96, 40, 40, 40, 48, 80], "64-bit"),
+        4: ([112, 164, 148, 92, 36, 36, 36, 44, 76], "i386"),
+        (4, "arm"): ([112, 168, 152, 96, 40, 40, 40, 48, 80], "32-bit ARM")}
+LAYOUT = """
+import json, sys
+sys.path.insert(0, "/opt/containerboot/lib")
+from firewall import iptables, xtables
+v4, v6 = xtables.LAYOUT[4], xtables.LAYOUT[6]
+dnat = iptables.encode(4, iptables.Spec(iptables.PRE, "DNAT", "198.18.0.1", dst="100.64.0.1"))
+print(json.dumps([[v4.size, v6.size, v6.counters_at, xtables.REPLACE.size, xtables.GET_ENTRIES.size,
+                   xtables.COUNTERS_INFO.size, len(v4.standard(0)) - v4.size, len(iptables.port_match("tcp", 1)),
+                   len(dnat) - v4.size], xtables.VOUCHED.get(xtables.ABI)]))
+"""
+
+
+@every
+def test_legacy_writer_layout_is_the_kernels_for_the_platform(images: Images, platform: Platform) -> None:
+    proc = images.run(platform, "--", "-c", LAYOUT, entrypoint="python3")
+    assert proc.returncode == 0, proc.stderr
+    sizes, vouched = json.loads(proc.stdout)
+    key = (4, "arm") if platform.architecture == "arm" else platform.pointer_bytes
+    assert [sizes, vouched] == list(UAPI[key]), (platform.name, sizes, vouched)
+
+
+def test_manifest_list_pulls_each_platform(images: Images) -> None:
+    ref = images.manifest_list
     listing = json.loads(docker("manifest", "inspect", "--insecure", ref).stdout)
-    platforms = sorted(f"{m['platform']['os']}/{m['platform']['architecture']}" for m in listing["manifests"])
-    assert platforms == ["linux/amd64", "linux/arm64"], listing
-    lab.images.append(ref)
-    for platform, local in (("linux/arm64", lab.arm64), ("linux/amd64", lab.amd64)):
-        docker("pull", "-q", "--platform", platform, ref)
+    listed = sorted((m["platform"]["os"], m["platform"]["architecture"], m["platform"].get("variant", ""))
+                    for m in listing["manifests"])
+    assert listed == sorted(("linux", p.architecture, p.variant) for p in ALL), listing
+    for platform in ALL:
+        docker("pull", "-q", "--platform", platform.name, ref)
         pulled = inspect_image(ref)
-        assert pulled["Architecture"] == platform.split("/")[1]
-        assert pulled["Id"] == inspect_image(local)["Id"]  # the very image that was built, layers and config
+        assert (pulled["Architecture"], pulled.get("Variant", "")) == (platform.architecture, platform.variant)
+        # the very image that was built, layers and config
+        assert pulled["Id"] == inspect_image(images.ref(platform))["Id"], platform.name
 
 
-def test_plan_under_qemu(lab: Lab) -> None:
-    proc = run_arm64(lab, "-e", "TS_TEST_FAKE_NETFILTER=true", "-e", "TS_USERSPACE=false", "-e",
-                     "TS_DEST_IP=10.0.0.5", "--", "plan", "--tailnet-ip", "100.64.0.1")
+@emulated
+def test_plan_under_qemu(images: Images, platform: Platform) -> None:
+    proc = images.run(platform, "-e", "TS_TEST_FAKE_NETFILTER=true", "-e", "TS_USERSPACE=false", "-e",
+                      "TS_DEST_IP=10.0.0.5", "--", "plan", "--tailnet-ip", "100.64.0.1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "dnat 100.64.0.1 -> 10.0.0.5" in proc.stdout.splitlines(), proc.stdout
 
 
-def test_detect_fails_in_one_line_under_qemu(lab: Lab) -> None:
-    proc = run_arm64(lab, "--cap-add", "NET_ADMIN", "--", "detect")
+@emulated
+def test_detect_fails_in_one_line_under_qemu(images: Images, platform: Platform) -> None:
+    proc = images.run(platform, "--cap-add", "NET_ADMIN", "--", "detect")
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1, (proc.returncode, lines)
     # libnftables calls exit(3) when the netlink socket cannot be opened; the binding path asks the kernel
@@ -238,33 +245,34 @@ def test_detect_fails_in_one_line_under_qemu(lab: Lab) -> None:
     assert proc.returncode == 1 and lines[0].startswith("boot: ") and "no usable netfilter backend" in lines[0], lines
 
 
-def test_detect_with_nft_cli_fails_in_one_line_under_qemu(lab: Lab) -> None:
-    proc = run_arm64(lab, "--cap-add", "NET_ADMIN", "-e", "CONTAINERBOOT_NFT=cli", "--", "detect")
+@emulated
+def test_detect_with_nft_cli_fails_in_one_line_under_qemu(images: Images, platform: Platform) -> None:
+    proc = images.run(platform, "--cap-add", "NET_ADMIN", "-e", "CONTAINERBOOT_NFT=cli", "--", "detect")
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1, (proc.returncode, lines)
     assert "no usable netfilter backend" in lines[0], lines
 
 
-def test_sysctl_in_the_arm64_image(lab: Lab) -> None:
-    proc = run_arm64(lab, "--cap-add", "NET_ADMIN", "--security-opt", "systempaths=unconfined", "--", "-c",
-                     "sysctl -w net.ipv4.ip_forward=1 && cat /proc/sys/net/ipv4/ip_forward", entrypoint="/bin/sh")
+@emulated
+def test_sysctl_under_qemu(images: Images, platform: Platform) -> None:
+    proc = images.run(platform, "--cap-add", "NET_ADMIN", "--security-opt", "systempaths=unconfined", "--", "-c",
+                      "sysctl -w net.ipv4.ip_forward=1 && cat /proc/sys/net/ipv4/ip_forward", entrypoint="/bin/sh")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.split("\n")[:2] == ["net.ipv4.ip_forward = 1", "1"], proc.stdout
 
 
-def test_userspace_boot_under_qemu_joins_and_serves_socks5(lab: Lab) -> None:
-    # The peer: the amd64 image as a kernel-mode proxy in front of the backend, natively.
-    peer = lab.run("peer", *kernel_args(), image=lab.amd64,
-                   env=lab.node_env(TS_USERSPACE="false", TS_DEST_IP=BACKEND_IP))
+@emulated
+def test_userspace_boot_under_qemu_joins_and_serves_socks5(images: Images, peer: str, platform: Platform) -> None:
+    lab = images.lab
     start = time.monotonic()
-    node = lab.run("socks", "--platform", ARM64, image=lab.arm64, env=lab.node_env(TS_SOCKS5_SERVER="localhost:1055"))
-    peer_ip = lab.tailnet_ip(peer, 60)
+    node = lab.run(f"socks-{platform.token}", image=images.ref(platform), platform=platform.name,
+                   env=lab.node_env(TS_SOCKS5_SERVER="localhost:1055"))
     lab.tailnet_ip(node, 120)
     joined = time.monotonic() - start
-    assert "aarch64" in docker("exec", node, "uname", "-m").stdout
-    got = wait_for(lambda: docker("exec", node, "python3", "-c", SOCKS5_FETCH, peer_ip, "8080",
+    assert docker("exec", node, "uname", "-m").stdout.strip() == platform.machine
+    got = wait_for(lambda: docker("exec", node, "python3", "-c", SOCKS5_FETCH, peer, "8080",
                                   check=False).stdout.strip(), 60, 1)
     assert got.startswith("backend "), f"{got!r}\n{lab.logs(node)}"
     logs = lab.logs(node)
     assert "Startup complete, waiting for shutdown signal" in logs and "tskey-" not in logs, logs
-    print(f"\narm64 under qemu: container start to Running with an address {joined:.1f} s")
+    print(f"\n{platform.name} under qemu: container start to Running with an address {joined:.1f} s")

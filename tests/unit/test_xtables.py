@@ -207,7 +207,7 @@ def test_counters_and_comefrom_are_not_part_of_an_entry() -> None:
 
 def test_the_derived_layout_is_the_kernel_uapi_one_for_this_platform() -> None:
     # x86_64 and arm64 (the two 64-bit platforms the image ships): the kernel's UAPI sizes. The 32-bit ones
-    # are checked in their images (tests/i386, tests/arm64).
+    # are checked in their images (tests/i386, tests/platforms).
     assert xtables.ABI == ("little", 8, 8)
     assert (xtables.LAYOUT[4].size, xtables.LAYOUT[6].size, xtables.LAYOUT[6].counters_at) == (112, 168, 152)
     assert (xtables.REPLACE.size, xtables.GET_ENTRIES.size, xtables.COUNTERS_INFO.size) == (96, 40, 40)
