@@ -1,7 +1,7 @@
 # Everything assumes scripts/install-deps.sh has run (.ci/run does it).
 PY := .venv/bin/python
 
-.PHONY: test unit lint bench go demo demo-k8s soak soak-nftables soak-iptables
+.PHONY: test unit lint bench go demo demo-k8s soak soak-nftables soak-iptables lock
 test: lint go
 	CI=$${CI:-false} .venv/bin/pytest -q
 
@@ -41,3 +41,8 @@ soak: go
 
 soak-nftables soak-iptables:
 	SOAK_SECONDS=$${SOAK_SECONDS:-600} .venv/bin/pytest -q -s -p no:cacheprovider tests/soak -k $(@:soak-%=%)
+
+# The Python dependencies re-resolved to the newest versions pyproject.toml allows, written exact to
+# requirements.txt (the image) and requirements-test.txt (CI); run `make test`, then commit both.
+lock:
+	scripts/lock-deps.sh

@@ -117,7 +117,7 @@ build_one() {  # platform, then the references to tag
   ln -s tailscaled "$ctx/bin/tailscale"
   # From a fresh copy each time: setuptools builds the wheel from build/lib without emptying it.
   rm -rf "$work/src/build"
-  .venv/bin/pip wheel -q --no-deps --wheel-dir "$ctx/wheels" "$work/src" >/dev/null
+  .venv/bin/pip wheel -q --no-deps --no-build-isolation --wheel-dir "$ctx/wheels" "$work/src" >/dev/null
   .venv/bin/pip install -q --no-deps --target "$ctx/lib" --platform "linux_$pyarch" --python-version 3.11 \
     --implementation cp --abi cp311 "$wheels"/*.whl "$ctx"/wheels/*.whl >/dev/null
   python3 scripts/image-pylib.py "$ctx/lib" containerboot firewall >&2

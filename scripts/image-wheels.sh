@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Wheels of the project's Python dependencies (pyproject.toml's [project] dependencies) for the image's
+# Wheels of the project's Python dependencies (requirements.txt, the exact versions) for the image's
 # platform, cached: prints the directory, $CACHE/wheels/<arch>-<key>, key = a hash of the dependency list,
 # the architecture and the Python of Debian 12 the image runs (3.11).
 #   scripts/image-wheels.sh [PLATFORM]     linux/amd64, linux/arm64, linux/arm/v7 or linux/386
@@ -24,7 +24,7 @@ case $platform in
   *) echo "image-wheels: unsupported platform $platform (linux/amd64, linux/arm64, linux/arm/v7, linux/386)" >&2
      exit 1 ;;
 esac
-deps=$(python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
+deps=$(grep -E '^[A-Za-z0-9_.-]+==' requirements.txt)  # exact, with what they pull in (scripts/lock-deps.sh)
 key=$(printf '%s\n' "$deps" "$arch" cp311-bookworm | sha1sum | cut -c1-10)
 out=$CACHE/wheels/$arch-$key
 if [ -f "$out/.complete" ]; then
@@ -35,7 +35,7 @@ fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 mapfile -t reqs <<<"$deps"
-.venv/bin/pip wheel -q --wheel-dir "$tmp/wheels" "${reqs[@]}" >/dev/null
+.venv/bin/pip wheel -q --no-deps --wheel-dir "$tmp/wheels" "${reqs[@]}" >/dev/null
 if [ "$deb" != "$host_arch" ]; then
   mkdir -p "$tmp/sdist" "$tmp/out"
   for whl in "$tmp"/wheels/*.whl; do

@@ -21,10 +21,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 ln -sfn /usr/lib/python3/dist-packages/nftables "$site/nftables"
-stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
+# The exact versions of requirements-test.txt (scripts/lock-deps.sh writes it), then this project itself,
+# built with the setuptools pinned there (no build isolation: that would fetch the newest).
+stamp=.venv/.installed-$(cat pyproject.toml requirements.txt requirements-test.txt | sha1sum | cut -c1-12)
 if [ ! -f "$stamp" ]; then
   log=$(mktemp)
-  if ! { .venv/bin/pip install -q --upgrade pip wheel && .venv/bin/pip install -q -e '.[test]'; } >"$log" 2>&1; then
+  if ! { .venv/bin/pip install -q -r requirements-test.txt &&
+         .venv/bin/pip install -q --no-deps --no-build-isolation -e .; } >"$log" 2>&1; then
     cat "$log"; exit 1
   fi
   rm -f "$log"
