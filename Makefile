@@ -18,6 +18,10 @@ bench: go
 	$(PY) bench/bench_kube.py
 	$(PY) bench/bench_egress.py
 	$(PY) bench/bench_egress.py --backend iptables
+	# The same rule installs in the linux/386 image (32-bit Python and iptables-legacy-restore, natively).
+	scripts/base-image.sh linux/386 >/dev/null
+	$(PY) bench/bench_apply.py --scenario ingress --sizes 1000,10000 --image $$(PLATFORM=linux/386 \
+	  BASE='containerboot-base:bookworm-{arch}' REPOS=containerboot-bench TAGS=386 ./build_docker.sh 2>/dev/null)
 
 go:
 	scripts/build-go.sh >/dev/null
