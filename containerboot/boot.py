@@ -97,7 +97,7 @@ class Boot:
         self.child: tailscaled.Tailscaled | None = None
         self.watch: BusWatch | None = None
         self.watch_id = 0
-        self.servers: list[Any] = []
+        self.servers: list[health.Server] = []
         self.ts_services = services.Services(s, self.api)  # Tailscale Services: cert share loops, advertisement
         self.serve = serve.ServeWatcher(s.serve_config, self.api, on_change=self.ts_services.on_serve_config) \
             if s.serve_config else None
@@ -1077,7 +1077,7 @@ class Boot:
         for server in self.servers:
             server.shutdown()
             server.server_close()
-            log.info(f"HTTP server at {server.server_address[0]}:{server.server_address[1]} closed")
+            log.info(f"HTTP server at {server.addr_port} closed")
 
     def run(self) -> int:
         for text in self.s.notes:

@@ -209,10 +209,12 @@ def connection_cap(limit: int = MAX_CONNECTIONS) -> int:
 class Server:
     """An HTTP server on one address with bounded connections, time and threads (see the module doc).
 
-    The interface boot.py uses: `server_address`, `shutdown()`, `server_close()`."""
+    The interface boot.py uses: `addr_port`, `shutdown()`, `server_close()`."""
 
     def __init__(self, address: tuple[str, int], family: int, handler: Handler,
-                 slow: Callable[[str], bool], max_connections: int | None = None, name: str = "http") -> None:
+                 slow: Callable[[str], bool], max_connections: int | None = None, name: str = "http",
+                 addr_port: str = "") -> None:
+        self.addr_port = addr_port  # as configured: upstream's log lines name the address so ("[::]:9002")
         self._handler = handler
         self._slow = slow
         self.max_connections = max_connections or connection_cap()
@@ -527,7 +529,7 @@ def serve(addr_port: str, health: Health | None, metrics: LocalAPI | None, debug
         return metrics is not None and (path == "/metrics" or (path.startswith("/debug/") and bool(debug)))
 
     return Server((str(ip), port), family, _handler(health, metrics, debug, preshutdown), slow,
-                  name=f"http-{addr_port}")
+                  name=f"http-{addr_port}", addr_port=addr_port)
 
 
 def start(s: Settings, health: Health, api: LocalAPI, preshutdown: Preshutdown | None = None) -> list[Server]:
