@@ -27,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.k8s.conftest import expose, labels_of, unique, wait_pod_ready, wait_proxy, web_pod  # noqa: E402
 from tests.lab.cluster import NO_LEGACY_XTABLES, OPERATOR_NS, Cluster, missing  # noqa: E402
+from tests.lab.expose import expose, labels_of, unique, wait_pod_ready, wait_proxy, web_pod  # noqa: E402
 
 STANDIN = "on the stand-in node without legacy xtables"
 VARIANTS = [

@@ -1,177 +1,68 @@
 """The image that build_docker.sh makes, run with `docker run` as users run it.
 
 headscale runs as a container (an image made from the pinned Go binary the same way), a web server as
-another, on a Docker network in 198.18.0.0/15. The base image is the offline one scripts/base-image.sh
-makes from Debian's packages.
+another, on a Docker network in 198.18.0.0/15 (the lab of tests/lab/images.py). The base image is the
+offline one scripts/base-image.sh makes from Debian's packages.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, need
-from tests.lab.fakes import wait_for
-from tests.lab.tailnet import binaries, have_binaries, write_control_files
+from tests.lab.images import (
+    FETCH,
+    SOCKS5_FETCH,
+    Build,
+    Lab,
+    base_image,
+    build_image,
+    docker,
+    headscale_image,
+    kernel_args,
+    need_docker,
+)
+from tests.lab.wait import wait_for
 
 pytestmark = pytest.mark.docker
 
-IMAGE = "containerboot-test:test"
+REPO, TAG = "containerboot-test", "test"
+IMAGE = f"{REPO}:{TAG}"
 HEADSCALE_IMAGE = "containerboot-test-headscale:test"
-NET_PREFIX = "198.18.200"
-CONTROL_IP = f"{NET_PREFIX}.2"
-BACKEND_IP = f"{NET_PREFIX}.3"
+SUBNET = "198.18.200.0/24"  # headscale .2, the backend .3 (tests/lab/images.py)
 NAME = f"cbt{os.getpid()}"
-
-SOCKS5_FETCH = r"""
-import socket, struct, sys
-host, port = sys.argv[1], int(sys.argv[2])
-s = socket.create_connection(("127.0.0.1", 1055), timeout=10)
-s.sendall(b"\x05\x01\x00"); assert s.recv(2) == b"\x05\x00"
-s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(host) + struct.pack("!H", port))
-reply = s.recv(10); assert reply[1] == 0, reply
-s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
-data = b""
-while chunk := s.recv(4096):
-    data += chunk
-print(data.split(b"\r\n\r\n", 1)[1].decode().strip())
-"""
-
-FETCH = ("import sys, urllib.request; "
-         "print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode().strip())")
-
-
-def docker(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"docker {' '.join(args)}: {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-class Lab:
-    def __init__(self, lab_dir: Path, size_line: str) -> None:
-        self.dir = lab_dir
-        self.size_line = size_line
-        self.build_log = ""
-        self.network = f"{NAME}-net"
-        self.containers: list[str] = []
-        self.volumes: list[str] = []
-
-    def run(self, name: str, *args: str, image: str = IMAGE, env: dict[str, str] | None = None,
-            command: tuple[str, ...] = (), mount: str = "ro") -> str:
-        full = f"{NAME}-{name}"
-        env_args = [a for k, v in (env or {}).items() for a in ("-e", f"{k}={v}")]
-        docker("run", "-d", "--name", full, "--network", self.network, "-v", f"{self.dir}:/lab:{mount}", *env_args,
-               *args, image, *command)
-        self.containers.append(full)
-        return full
-
-    def hs(self, *args: str) -> str:
-        return docker("exec", f"{NAME}-hs", "headscale", "-c", "/lab/headscale.yaml", *args).stdout
-
-    def authkey(self, reusable: bool = True) -> str:
-        out = self.hs("preauthkeys", "create", "--user", "1", "--expiration", "1h",
-                      *(["--reusable"] if reusable else []), "-o", "json")
-        return str(json.loads(out)["key"])
-
-    def node_env(self, **extra: str) -> dict[str, str]:
-        return {"TS_AUTHKEY": self.authkey(), "TS_EXTRA_ARGS": f"--login-server=https://{CONTROL_IP}",
-                "SSL_CERT_FILE": "/lab/control.crt", "TS_NO_LOGS_NO_SUPPORT": "true", **extra}
-
-    def status(self, container: str) -> dict[str, Any]:
-        proc = docker("exec", container, "tailscale", "status", "--json", check=False)
-        return json.loads(proc.stdout) if proc.returncode == 0 else {}
-
-    def tailnet_ip(self, container: str, timeout: float = 60) -> str:
-        def ip() -> str | None:
-            st = self.status(container)
-            if st.get("BackendState") != "Running":
-                return None
-            return next((a for a in st.get("Self", {}).get("TailscaleIPs") or [] if "." in a), None)
-        found = wait_for(ip, timeout, 0.5)
-        assert found, f"{container} did not join:\n{self.logs(container)}"
-        return str(found)
-
-    def logs(self, container: str) -> str:
-        proc = docker("logs", container, check=False)
-        return proc.stdout + proc.stderr
-
-    def inspect(self, container: str) -> dict[str, Any]:
-        return dict(json.loads(docker("inspect", container).stdout)[0])
-
-    def close(self) -> None:
-        for c in self.containers:
-            docker("rm", "-f", c, check=False)
-        for v in self.volumes:
-            docker("volume", "rm", "-f", v, check=False)
-        docker("network", "rm", self.network, check=False)
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    need(shutil.which("docker") is not None and docker("info", check=False).returncode == 0,
-         "needs a Docker engine (scripts/docker-engine.sh)")
-    need(have_binaries(), "needs headscale: run scripts/build-go.sh")
-    base = subprocess.run([str(ROOT / "scripts/base-image.sh")], capture_output=True, text=True, check=True)
-    build = subprocess.run([str(ROOT / "build_docker.sh")], capture_output=True, text=True,
-                           env={**os.environ, "BASE": base.stdout.strip(), "REPOS": "containerboot-test",
-                                "TAGS": "test", "PUSH": "false"})
-    assert build.returncode == 0, build.stdout + build.stderr
-    assert build.stdout.split() == [IMAGE]
-    size_line = next(line for line in build.stderr.splitlines() if line.startswith("image size: "))
-    print(f"\n{IMAGE}: {size_line}")
+def build() -> Build:
+    """The image, built with build_docker.sh from the offline base of this machine's platform."""
+    need_docker()
+    build = build_image(REPO, TAG, base=base_image())
+    assert build.refs == [IMAGE], build.refs
+    assert len(build.size_lines) == 1, build.log
+    print(f"\n{IMAGE}: {build.size_lines[0]}")
+    return build
 
-    ctx = Path(tempfile.mkdtemp(prefix="cbhs"))
-    shutil.copy(binaries()["headscale"], ctx / "headscale")
-    (ctx / "Dockerfile").write_text(f"FROM {base.stdout.strip()}\nCOPY headscale /usr/local/bin/headscale\n"
-                                    'ENTRYPOINT ["/usr/local/bin/headscale"]\n')
-    docker("build", "-q", "-t", HEADSCALE_IMAGE, str(ctx))
-    shutil.rmtree(ctx)
 
-    lab_dir = Path(tempfile.mkdtemp(prefix="cbdock"))
-    lab_dir.chmod(0o755)
-    write_control_files(lab_dir, CONTROL_IP, paths_in="/lab")
-    shutil.copy(ROOT / "tests/lab/echo_server.py", lab_dir / "echo_server.py")
-    for f in lab_dir.iterdir():
-        f.chmod(0o644)
-    result = Lab(lab_dir, size_line)
-    result.build_log = build.stderr
-    try:
-        docker("network", "create", "--subnet", f"{NET_PREFIX}.0/24", result.network)
-        result.run("hs", "--ip", CONTROL_IP, image=HEADSCALE_IMAGE, command=("serve", "-c", "/lab/headscale.yaml"),
-                   mount="rw")
-        assert wait_for(lambda: docker("exec", f"{NAME}-hs", "headscale", "-c", "/lab/headscale.yaml", "users",
-                                       "list", check=False).returncode == 0, 30), result.logs(f"{NAME}-hs")
-        result.hs("users", "create", "lab")
-        result.run("backend", "--ip", BACKEND_IP, "--entrypoint", "python3",
-                   command=("/lab/echo_server.py", "backend", "0.0.0.0", "8080"))
+@pytest.fixture(scope="module")
+def lab(build: Build) -> Iterator[Lab]:
+    """headscale and the web backend on the module's Docker network, removed afterwards with every
+    container and volume the tests added."""
+    with Lab(NAME, SUBNET, IMAGE, headscale_image(base_image(), HEADSCALE_IMAGE)) as result:
         yield result
-    finally:
-        result.close()
-        shutil.rmtree(lab_dir, ignore_errors=True)
 
 
-def kernel_args() -> list[str]:
-    return ["--cap-add", "NET_ADMIN", "--device", "/dev/net/tun", "--sysctl", "net.ipv4.ip_forward=1",
-            "--sysctl", "net.ipv6.conf.all.forwarding=1"]
-
-
-def test_image_reports_its_size(lab: Lab) -> None:
-    size_mb = int(lab.size_line.split()[2])
+def test_image_reports_its_size(build: Build) -> None:
+    size_mb = int(build.size_lines[0].split()[2])
     assert size_mb > 0
 
 
 def test_proxy_in_front_of_a_service(lab: Lab) -> None:
-    proxy = lab.run("proxy", *kernel_args(), env=lab.node_env(TS_USERSPACE="false", TS_DEST_IP=BACKEND_IP))
+    proxy = lab.run("proxy", *kernel_args(), env=lab.node_env(TS_USERSPACE="false", TS_DEST_IP=lab.backend_ip))
     client = lab.run("client", *kernel_args(), env=lab.node_env(TS_USERSPACE="false"))
     proxy_ip = lab.tailnet_ip(proxy)
     lab.tailnet_ip(client)
@@ -184,7 +75,7 @@ def test_proxy_in_front_of_a_service(lab: Lab) -> None:
 
 
 def test_userspace_socks5_without_capabilities(lab: Lab) -> None:
-    target = lab.run("proxy2", *kernel_args(), env=lab.node_env(TS_USERSPACE="false", TS_DEST_IP=BACKEND_IP))
+    target = lab.run("proxy2", *kernel_args(), env=lab.node_env(TS_USERSPACE="false", TS_DEST_IP=lab.backend_ip))
     us = lab.run("socks", env=lab.node_env(TS_SOCKS5_SERVER="localhost:1055"))
     target_ip = lab.tailnet_ip(target)
     lab.tailnet_ip(us)
@@ -238,12 +129,13 @@ def test_old_manifests_entrypoint_run_sh(lab: Lab) -> None:
     assert "TS_BOOT_TIMEOUT" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
-def test_image_is_under_100_mb_and_prints_its_layers(lab: Lab) -> None:
+def test_image_is_under_100_mb_and_prints_its_layers(build: Build) -> None:
     # build_docker.sh prints each layer's size, then the total; the image carries only what runs.
-    assert int(lab.size_line.split()[2]) < 100, lab.size_line
-    layers = lab.build_log.split(f"layers of {IMAGE} (linux/", 1)[1].split("image size:", 1)[0]
+    size_line = build.size_lines[0]
+    assert int(size_line.split()[2]) < 100, size_line
+    layers = build.log.split(f"layers of {IMAGE} (linux/", 1)[1].split("image size:", 1)[0]
     names = [line.split()[-1] for line in layers.strip().splitlines()[1:]]
-    assert names == ["system", "tailscaled", "containerboot"], lab.build_log
+    assert names == ["system", "tailscaled", "containerboot"], build.log
 
 
 def test_image_carries_both_netfilter_variants_and_no_package_manager(lab: Lab) -> None:
@@ -261,7 +153,7 @@ def test_image_carries_both_netfilter_variants_and_no_package_manager(lab: Lab) 
 def test_boot_writes_no_bytecode(lab: Lab) -> None:
     # The image has the bytecode of every module a boot imports (kernel mode: detection, both drivers'
     # modules, the health endpoint): a module without it would be compiled and written at run time.
-    node = lab.run("pyc", *kernel_args(), env=lab.node_env(TS_USERSPACE="false", TS_DEST_IP=BACKEND_IP,
+    node = lab.run("pyc", *kernel_args(), env=lab.node_env(TS_USERSPACE="false", TS_DEST_IP=lab.backend_ip,
                                                            TS_ENABLE_HEALTH_CHECK="true"))
     lab.tailnet_ip(node)
     assert wait_for(lambda: "Startup complete" in lab.logs(node), 30, 0.5), lab.logs(node)

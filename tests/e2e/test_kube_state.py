@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Booted, site
-from tests.lab.fakes import kubelet_publish, wait_for
+from tests.lab.fakes import kubelet_publish
 from tests.lab.kubeapi import KubeAPI
 from tests.lab.kubepod import KubePod
 from tests.lab.tailnet import CONTROL, Tailnet
+from tests.lab.tailnet_boot import Booted, site
+from tests.lab.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kube]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import READY, Booted, site
 from tests.lab.tailnet import Tailnet
+from tests.lab.tailnet_boot import READY, Booted, site
 
 pytestmark = pytest.mark.e2e
 

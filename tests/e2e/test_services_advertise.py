@@ -20,8 +20,9 @@ from containerboot.localapi import LocalAPI
 from containerboot.serve import ServeWatcher
 from containerboot.services import Services, Timing
 from containerboot.settings import load
-from tests.e2e.conftest import Booted, site
 from tests.lab.tailnet import Node, Tailnet
+from tests.lab.tailnet_boot import Booted, site
+from tests.lab.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -71,16 +72,6 @@ def advertised(api: LocalAPI) -> list[str] | None:
     return prefs.get("AdvertiseServices")
 
 
-def wait_for(predicate: Any, timeout: float = 10.0) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        got = predicate()
-        if got:
-            return got
-        time.sleep(0.05)
-    return predicate()
-
-
 def test_advertise_follows_the_serve_config_and_unadvertise_clears_it(api: LocalAPI, tmp_path: Path,
                                                                        lines: list[str]) -> None:
     svc = Services(load({}), api, failover_wait=1.0)
@@ -91,13 +82,13 @@ def test_advertise_follows_the_serve_config_and_unadvertise_clears_it(api: Local
         assert advertised(api) is None
         path.write_text(json.dumps(TCP_SERVICE))
         assert watcher.poll("no-https")
-        assert wait_for(lambda: advertised(api) == ["svc:db"]), f"prefs: {advertised(api)}"
+        assert wait_for(lambda: advertised(api) == ["svc:db"], 10), f"prefs: {advertised(api)}"
         # tailscaled holds the serve config the advertisement was read from.
         assert set(api.json("GET", "/localapi/v0/serve-config")["Services"]) == {"svc:db"}
         # The file changes (a kubelet swap would look the same to the watcher): the prefs follow.
         path.write_text(json.dumps(TWO_SERVICES))
         assert watcher.poll("no-https")
-        assert wait_for(lambda: advertised(api) == ["svc:cache", "svc:db"]), f"prefs: {advertised(api)}"
+        assert wait_for(lambda: advertised(api) == ["svc:cache", "svc:db"], 10), f"prefs: {advertised(api)}"
         svc.on_netmap()  # nothing changed: no prefs write
         patches = sum("advertising services" in line for line in lines)
         assert patches == 2

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import READY, Booted, site
-from tests.lab.fakes import child_pid, wait_for
+from tests.lab.fakes import child_pid
 from tests.lab.tailnet import Node, Tailnet, tailscale_ip
+from tests.lab.tailnet_boot import READY, Booted, site
+from tests.lab.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from containerboot import tailscaled
-from tests.lab.fakes import SECRET, Root, Run, child_pid, netmap, wait_for
+from tests.lab.fakes import SECRET, Root, Run, child_pid, netmap
+from tests.lab.wait import wait_for
 
 
 @pytest.fixture

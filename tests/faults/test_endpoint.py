@@ -20,13 +20,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import need
-from tests.lab.fakes import Root, Run, free_port, netmap, temp_root
+from tests.lab.fakes import Root, Run, netmap, temp_root
+from tests.lab.ports import free_port
+from tests.lab.wait import wait_for
 
 FLOOD_SECONDS = 60  # the issue asks that the boot keep running for 60 s under the flood
 PROBE_EVERY = 0.5
@@ -360,7 +362,7 @@ def test_running_out_of_fds_drops_connections_not_the_server() -> None:
         clients.stdin.write("go\n")
         clients.stdin.flush()
         assert clients.stdout.readline().strip() == "connected"
-        assert wait_until(lambda: server.stats["shed"] > 0, 5), server.stats
+        assert wait_for(lambda: server.stats["shed"] > 0, 5), server.stats
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         clients.stdin.write("done\n")
@@ -373,15 +375,6 @@ def test_running_out_of_fds_drops_connections_not_the_server() -> None:
     finally:
         server.shutdown()
         server.server_close()
-
-
-def wait_until(fn: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not fn():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def limit_with_free_fds(free: int) -> int:

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import pytest
 
 from tests.conftest import need
-from tests.lab.fakes import wait_for
 from tests.lab.images import (
     IDLE,
     Lab,
@@ -47,6 +46,7 @@ from tests.lab.images import (
     need_docker,
     stale_sources,
 )
+from tests.lab.wait import wait_for
 
 pytestmark = pytest.mark.docker
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.k8s.conftest import Exposed, expose, labels_of, unique, wait_pod_ready, wait_proxy, web_pod
 from tests.lab.cluster import NO_LEGACY_XTABLES, NO_LEGACY_XTABLES_PROFILE, OPERATOR_NS, Cluster
+from tests.lab.expose import Exposed, expose, labels_of, unique, wait_pod_ready, wait_proxy, web_pod
 
 pytestmark = [pytest.mark.root, pytest.mark.docker]
 

@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 
-from tests.kube import test_state
-from tests.kube.test_state import Pod, make_pod, upstream
-from tests.lab.fakes import SECRET, Root, Run, free_port, kubelet_publish, netmap, peer, temp_root, wait_for
+from tests.lab.fakes import SECRET, Root, Run, kubelet_publish, netmap, peer, temp_root
 from tests.lab.kubeapi import PROXIES_ROLE_RULES, KubeAPI
+from tests.lab.kubepod import Pod, make_pod, upstream
+from tests.lab.ports import free_port
+from tests.lab.wait import wait_for
 
 pytestmark = pytest.mark.kube
-pod, start = test_state.pod, test_state.start  # the same fixtures: a pod with the operator's rights, runs
 
 POD_V4 = "10.1.0.5"
 

@@ -5,80 +5,23 @@ from the API server. Upstream's Go containerboot runs the same scenarios as the 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import pytest
 
 from containerboot import kube
 from containerboot.settings import CAPABILITY_VERSION
-from tests.conftest import need
-from tests.lab.fakes import SECRET, Root, Run, kubelet_publish, netmap, peer, state, temp_root, wait_for
+from tests.lab.fakes import SECRET, Root, Run, kubelet_publish, netmap, peer, state, temp_root
 from tests.lab.kubeapi import PROXIES_ROLE_RULES, KubeAPI, Rule
-from tests.lab.tailnet import binaries as tailnet_binaries
+from tests.lab.kubepod import SECRET_NAME, Pod, make_pod, upstream
+from tests.lab.wait import wait_for
 
 pytestmark = pytest.mark.kube
-
-SECRET_NAME = "ts-proxy-0"
-
-
-@dataclass
-class Pod:
-    api: KubeAPI
-    ns: str
-    root: Root
-    env: dict[str, str]
-
-    def secret(self, name: str = SECRET_NAME) -> dict[str, str] | None:
-        return self.api.get_secret(self.ns, name)
-
-    def wait_key(self, key: str, value: str | None = None, timeout: float = 10) -> str:
-        def found() -> str | None:
-            data = self.secret() or {}
-            got = data.get(key)
-            return got if got is not None and (value is None or got == value) else None
-        got = wait_for(found, timeout, 0.1)
-        assert got is not None, f"{key}={value!r} not in {self.secret()}"
-        return str(got)
-
-
-def make_pod(api: KubeAPI, ns: str, root: Root, rules: list[Rule], secret: dict[str, str] | None = None,
-             name: str = SECRET_NAME) -> Pod:
-    api.create_service_account(ns, "proxies")
-    api.create_role(ns, "proxies", rules)
-    api.bind_role(ns, "proxies", "proxies", "proxies")
-    if secret is not None:
-        api.create_secret(ns, name, secret)
-    env = api.pod_files(root.d, ns, api.token(ns, "proxies"))
-    env.update(TS_KUBE_SECRET=name, POD_UID="uid-1", POD_NAME=name)
-    return Pod(api, ns, root, env)
-
-
-@pytest.fixture
-def pod(kubeapi: KubeAPI, kns: str, root: Root) -> Pod:
-    return make_pod(kubeapi, kns, root, PROXIES_ROLE_RULES, secret={})
-
-
-@pytest.fixture
-def start(root: Root) -> Iterator[Callable[..., Run]]:
-    runs: list[Run] = []
-
-    def _start(pod: Pod, argv: list[str] | None = None, **env: str) -> Run:
-        run = Run(root.env(**{**pod.env, **env}), argv=argv)
-        runs.append(run)
-        return run
-
-    yield _start
-    for run in runs:
-        run.stop()
-        assert SECRET not in run.output, "the auth key appeared in the output"
-
 
 PROXY = {"TS_USERSPACE": "false", "TS_DEST_IP": "10.0.0.9", "TS_AUTHKEY": SECRET}
 
@@ -278,12 +221,6 @@ def test_reissue_asks_the_operator_and_exits_0_on_a_new_key(pod: Pod, start: Cal
 
 
 # ---- the reference: upstream's Go containerboot on the same server ---------------------------------------------
-
-
-def upstream() -> str:
-    exe = tailnet_binaries()["containerboot-upstream"]
-    need(os.access(exe, os.X_OK), "needs upstream's containerboot: run scripts/build-go.sh")
-    return exe
 
 
 def test_secret_matches_upstreams(kubeapi: KubeAPI) -> None:

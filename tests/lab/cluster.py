@@ -53,8 +53,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.lab.kubeapi import _make_ca, _make_cert, _openssl, _Process, _tail
-from tests.lab.netns import Lab, sh, wait_until
+from tests.lab.netns import Lab, sh
 from tests.lab.tailnet import Node, Tailnet, pinned
+from tests.lab.wait import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTROL_IP = "198.18.0.2"
@@ -249,9 +250,9 @@ class K8sTailnet(Tailnet):
         log = open(self.dir / "headscale.log", "w")  # noqa: SIM115 - closed with the process
         self.headscale = self.lab.spawn(self.hs, [self.bins["headscale"], "serve", "-c", str(cfg)],
                                         stdout=log, stderr=subprocess.STDOUT)
-        ok = wait_until(lambda: self.lab.run(self.hs, "curl", "-sf", "--cacert", self.ca, "-o", "/dev/null",
-                                             f"https://{CONTROL_IP}/health",
-                                             check=False).returncode == 0, timeout=30)
+        ok = wait_for(lambda: self.lab.run(self.hs, "curl", "-sf", "--cacert", self.ca, "-o", "/dev/null",
+                                           f"https://{CONTROL_IP}/health",
+                                           check=False).returncode == 0, timeout=30, interval=0.1)
         if not ok:
             raise RuntimeError("headscale did not start:\n" + (self.dir / "headscale.log").read_text()[-3000:])
         self.hs_cli("users", "create", "lab")
@@ -277,7 +278,7 @@ class K8sTailnet(Tailnet):
                 *(["--tun=userspace-networking"] if userspace else [f"--tun=ts-{name[:8]}"])]
         node.proc = self.lab.spawn(ns, self.private_run(ns, argv), env=self.tailscaled_env(), stdout=log,
                                    stderr=subprocess.STDOUT)
-        wait_until(lambda: os.path.exists(node.socket), timeout=15)
+        wait_for(lambda: os.path.exists(node.socket), timeout=15, interval=0.1)
         self.cli(node, "up", f"--login-server={CONTROL_URL}", f"--authkey={self.authkey()}", f"--hostname={name}",
                  "--accept-dns=false", *up_args, timeout=60)
         self.nodes.append(node)
@@ -710,15 +711,11 @@ disabled_plugins = ["io.containerd.internal.v1.tracing", "io.containerd.snapshot
         return list(self.ok("GET", path + q).get("items") or [])
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-        """Polls `predicate` until truthy; raises naming `what` and the last log lines when it times out."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"{what}: not within {timeout:.0f} s")
-            time.sleep(interval)
+        """Polls `predicate` until truthy (tests/lab/wait.py); raises naming `what` when it times out."""
+        value = wait_for(predicate, timeout, interval)
+        if not value:
+            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+        return value
 
     # -- looking inside ---------------------------------------------------------------------------------------
 
@@ -812,8 +809,9 @@ disabled_plugins = ["io.containerd.internal.v1.tracing", "io.containerd.snapshot
         for t in tasks:
             sh(*ctr, "tasks", "kill", "-s", "SIGKILL", t, check=False, timeout=20)
         for t in tasks:
-            wait_until(lambda t=t: sh(*ctr, "tasks", "delete", t, check=False, timeout=20).returncode == 0
-                       or t not in sh(*ctr, "tasks", "ls", "-q", check=False, timeout=20).stdout.split(), timeout=10)
+            wait_for(lambda t=t: sh(*ctr, "tasks", "delete", t, check=False, timeout=20).returncode == 0  # type: ignore[misc]
+                     or t not in sh(*ctr, "tasks", "ls", "-q", check=False, timeout=20).stdout.split(), timeout=10,
+                     interval=0.1)
 
     def _kill_shims(self) -> None:
         """The runc shims outlive containerd by design; ours are those started with our socket's address."""
@@ -851,7 +849,7 @@ disabled_plugins = ["io.containerd.internal.v1.tracing", "io.containerd.snapshot
                 continue
             dirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
             for g in [*dirs, root]:
-                wait_until(lambda g=g: _rmdir(g), timeout=5)
+                wait_for(lambda g=g: _rmdir(g), timeout=5, interval=0.1)  # type: ignore[misc]
 
     def __enter__(self) -> Cluster:
         return self

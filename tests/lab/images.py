@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import ROOT, need
-from tests.lab.fakes import wait_for
 from tests.lab.tailnet import binaries, have_binaries, write_control_files
+from tests.lab.wait import wait_for
 
 ECHO_SERVER = ROOT / "tests/lab/echo_server.py"
 

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -35,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests.lab.ports import free_port
 from tests.lab.tailnet import pinned
 
 HOST = "127.0.0.1"
@@ -83,12 +83,6 @@ PROXIES_ROLE_RULES: list[Rule] = [
      "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch", "get"]},
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def _openssl(*args: str, cwd: Path) -> None:

@@ -6,18 +6,27 @@ pair carries 127.0.0.1:<port> inside the node's namespace to the server through 
 filesystem is shared, the network is not). Each node gets a private /run holding the service-account
 files at the fixed path (/var/run is /run here), as a Pod's mount would, and reaches the server through
 TS_KUBERNETES_READ_API_SERVER_ADDRESS_FROM_ENV=true with KUBERNETES_SERVICE_HOST/_PORT_HTTPS.
+
+`Pod` is the same for containerboot in a test root with the fake tailscaled (tests/lab/fakes.py), on this
+machine's network: `make_pod` gives it a service account with the rights it is given and its files, and
+`upstream()` is upstream's Go containerboot, the reference the kube layer runs beside ours.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from tests.lab.fakes import wait_for
-from tests.lab.kubeapi import PROXIES_ROLE_RULES, KubeAPI
+from tests.conftest import need
+from tests.lab.fakes import Root
+from tests.lab.kubeapi import PROXIES_ROLE_RULES, KubeAPI, Rule
 from tests.lab.tailnet import Tailnet
+from tests.lab.tailnet import binaries as tailnet_binaries
+from tests.lab.wait import wait_for
 
 SA = "/run/secrets/kubernetes.io/serviceaccount"
 
@@ -67,3 +76,46 @@ class KubePod:
             proc.terminate()
             proc.wait(5)
         subprocess.run(["rm", "-rf", str(self.dir)], check=False)
+
+
+# ---- a Pod for containerboot in a fake root ---------------------------------------------------------------
+
+SECRET_NAME = "ts-proxy-0"
+
+
+@dataclass
+class Pod:
+    api: KubeAPI
+    ns: str
+    root: Root
+    env: dict[str, str]
+
+    def secret(self, name: str = SECRET_NAME) -> dict[str, str] | None:
+        return self.api.get_secret(self.ns, name)
+
+    def wait_key(self, key: str, value: str | None = None, timeout: float = 10) -> str:
+        def found() -> str | None:
+            data = self.secret() or {}
+            got = data.get(key)
+            return got if got is not None and (value is None or got == value) else None
+        got = wait_for(found, timeout, 0.1)
+        assert got is not None, f"{key}={value!r} not in {self.secret()}"
+        return str(got)
+
+
+def make_pod(api: KubeAPI, ns: str, root: Root, rules: list[Rule], secret: dict[str, str] | None = None,
+             name: str = SECRET_NAME) -> Pod:
+    api.create_service_account(ns, "proxies")
+    api.create_role(ns, "proxies", rules)
+    api.bind_role(ns, "proxies", "proxies", "proxies")
+    if secret is not None:
+        api.create_secret(ns, name, secret)
+    env = api.pod_files(root.d, ns, api.token(ns, "proxies"))
+    env.update(TS_KUBE_SECRET=name, POD_UID="uid-1", POD_NAME=name)
+    return Pod(api, ns, root, env)
+
+
+def upstream() -> str:
+    exe = tailnet_binaries()["containerboot-upstream"]
+    need(os.access(exe, os.X_OK), "needs upstream's containerboot: run scripts/build-go.sh")
+    return exe

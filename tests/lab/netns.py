@@ -13,9 +13,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from tests.lab.wait import wait_for
 
 _counter = itertools.count()
 IP = shutil.which("ip") or "/usr/sbin/ip"  # absolute: commands may run with a test's own PATH
@@ -119,19 +120,9 @@ class Lab:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        wait_until(lambda: not pids(), timeout=10)
+        wait_for(lambda: not pids(), timeout=10, interval=0.1)
         for ns in reversed(self.namespaces):
-            wait_until(lambda ns=ns: sh(IP, "netns", "del", ns, check=False).returncode == 0  # type: ignore[misc]
-                       or ns not in sh(IP, "netns", "list").stdout, timeout=5)
+            wait_for(lambda ns=ns: sh(IP, "netns", "del", ns, check=False).returncode == 0  # type: ignore[misc]
+                     or ns not in sh(IP, "netns", "list").stdout, timeout=5, interval=0.1)
         self.namespaces.clear()
         self.procs.clear()
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.1):  # type: ignore[no-untyped-def]
-    """Poll until `predicate()` is truthy; return its value (or the last falsy one)."""
-    deadline = time.monotonic() + timeout
-    value = predicate()
-    while not value and time.monotonic() < deadline:
-        time.sleep(interval)
-        value = predicate()
-    return value

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.lab.netns import IP, Lab, sh, wait_until
+from tests.lab.netns import IP, Lab, sh
+from tests.lab.wait import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTROL = "https://198.18.0.2"
@@ -172,8 +173,8 @@ class Tailnet:
         log = open(self.dir / "headscale.log", "w")  # noqa: SIM115 - closed with the process
         self.headscale = self.lab.spawn(self.hs, [self.bins["headscale"], "serve", "-c", str(cfg)],
                                         stdout=log, stderr=subprocess.STDOUT)
-        ok = wait_until(lambda: self.lab.run(self.hs, "curl", "-sf", "--cacert", self.ca, "-o", "/dev/null",
-                                             f"{CONTROL}/health", check=False).returncode == 0, timeout=30)
+        ok = wait_for(lambda: self.lab.run(self.hs, "curl", "-sf", "--cacert", self.ca, "-o", "/dev/null",
+                                           f"{CONTROL}/health", check=False).returncode == 0, timeout=30, interval=0.1)
         if not ok:
             raise RuntimeError("headscale did not start:\n" + (self.dir / "headscale.log").read_text()[-3000:])
         if not self.user_id:
@@ -223,7 +224,7 @@ class Tailnet:
                 *(["--tun=userspace-networking"] if userspace else [f"--tun=ts-{name[:8]}"])]
         node.proc = self.lab.spawn(ns, self.private_run(ns, argv), env=self.tailscaled_env(), stdout=log,
                                    stderr=subprocess.STDOUT)
-        wait_until(lambda: os.path.exists(node.socket), timeout=15)
+        wait_for(lambda: os.path.exists(node.socket), timeout=15, interval=0.1)
         self.cli(node, "up", f"--login-server={CONTROL}", f"--authkey={self.authkey()}", f"--hostname={name}",
                  "--accept-dns=false", *up_args, timeout=60)
         self.nodes.append(node)
@@ -271,7 +272,7 @@ class Tailnet:
             got[0] = self.fetch(ns, url, timeout=2.0)
             return got[0] == expect
 
-        wait_until(attempt, timeout=timeout, interval=0.3)
+        wait_for(attempt, timeout=timeout, interval=0.3)
         return got[0]
 
     def close(self) -> None:

@@ -13,7 +13,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.conftest import containerboot_exe
-from tests.lab.fakes import SECRET, Root, Run, child_pid, free_port, netmap, peer, state, wait_for
+from tests.lab.fakes import SECRET, Root, Run, child_pid, netmap, peer, state
+from tests.lab.ports import free_port
+from tests.lab.wait import wait_for
 
 SOCK = "--socket=/tmp/tailscaled.sock"
 TAILSCALED = f"/usr/bin/tailscaled {SOCK} --state=mem: --statedir=/tmp --tun=userspace-networking"

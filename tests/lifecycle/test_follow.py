@@ -7,7 +7,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.lab.fakes import Root, Run, kubelet_publish, netmap, wait_for
+from tests.lab.fakes import Root, Run, kubelet_publish, netmap
+from tests.lab.wait import wait_for
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import need
-from tests.lab.fakes import SECRET, Root, Run, child_pid, netmap, temp_root, wait_for
+from tests.lab.fakes import SECRET, Root, Run, child_pid, netmap, temp_root
+from tests.lab.wait import wait_for
 
 SLOW_FAILING_CLI = """#!/usr/bin/env bash
 echo "$0 $@" >> "$TS_TEST_RECORD_ARGS"

@@ -23,8 +23,9 @@ import pytest
 from containerboot.localapi import LocalAPI
 from tests.conftest import ROOT, need, need_root, python_exe
 from tests.lab.fakes import Run
-from tests.lab.netns import Lab, wait_until
+from tests.lab.netns import Lab
 from tests.lab.tailnet import binaries, have_binaries
+from tests.lab.wait import wait_for
 
 SHUTDOWN_BOUND = 25.0  # boot.SHUTDOWN_TIMEOUT: unadvertise, the failover wait and tailscaled's SIGTERM fit in it
 FAILOVER = 20.0
@@ -78,7 +79,7 @@ class Tailscaled:
                                    env={"TS_NO_LOGS_NO_SUPPORT": "true", "HOME": str(self.dir),
                                         "PATH": os.environ["PATH"]},
                                    stdout=self.log, stderr=subprocess.STDOUT)
-        if not wait_until(lambda: os.path.exists(self.socket), timeout=15):
+        if not wait_for(lambda: os.path.exists(self.socket), timeout=15, interval=0.1):
             raise RuntimeError("tailscaled did not start: " + (self.dir / "tailscaled.log").read_text()[-2000:])
         self.api = LocalAPI(self.socket)
 

@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 
 from tests.conftest import containerboot_exe, need_root
-from tests.lab.fakes import Root, Run, kubelet_publish, netmap, temp_root, wait_for
+from tests.lab.fakes import Root, Run, kubelet_publish, netmap, temp_root
 from tests.lab.kubeapi import PROXIES_ROLE_RULES, KubeAPI
 from tests.lab.netns import IP, Lab
-from tests.netns.test_drivers import ADDR, Topology
+from tests.lab.topology import ADDR, Topology
+from tests.lab.wait import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.kube]
 

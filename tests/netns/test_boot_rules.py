@@ -11,9 +11,10 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import need_root
-from tests.lab.fakes import Root, Run, netmap, peer, temp_root, wait_for
+from tests.lab.fakes import Root, Run, netmap, peer, temp_root
 from tests.lab.netns import IP, Lab
-from tests.netns.test_drivers import ADDR, Topology
+from tests.lab.topology import ADDR, Topology
+from tests.lab.wait import wait_for
 
 pytestmark = pytest.mark.root
 

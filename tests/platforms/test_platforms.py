@@ -30,7 +30,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, need
-from tests.lab.fakes import wait_for
 from tests.lab.images import (
     SOCKS5_FETCH,
     Build,
@@ -44,6 +43,8 @@ from tests.lab.images import (
     need_docker,
 )
 from tests.lab.platforms import ALL, AMD64, EMULATED, Platform, image_sizes
+from tests.lab.ports import free_port
+from tests.lab.wait import wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -55,12 +56,6 @@ TAG = "test"
 
 emulated = pytest.mark.parametrize("platform", EMULATED, ids=lambda p: p.token)
 every = pytest.mark.parametrize("platform", ALL, ids=lambda p: p.token)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Registry:

@@ -1,155 +1,16 @@
 """The soak layer: containerboot left running for minutes against a real tailnet while someone keeps removing
-its rules, with its threads, file descriptors, memory and children sampled from /proc.
+its rules, with its threads, file descriptors, memory and children sampled from /proc (tests/lab/procfs.py).
 
-The tailnet lab (headscale, a client node, `boot`) is the e2e layer's, imported here so that the two layers
-share one definition. How long: SOAK_SECONDS (unset: a short run that the normal suite keeps; `make soak`
-sets 600). Everything here reads /proc and nothing else.
+The tailnet lab (headscale, a client node, `boot`) is the e2e layer's (tests/lab/tailnet_boot.py), imported
+here so that the two layers share one definition. How long and the hard deadline: tests/soak/test_soak.py.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from types import FrameType
-
 import pytest
 
-from tests.e2e.conftest import boot, client, net  # noqa: F401 - fixtures, shared with the e2e layer
-
-SHORT_SECONDS = 90.0  # without SOAK_SECONDS: three flushes, enough for CI to keep every check alive
-
-
-def soak_seconds() -> float:
-    return float(os.environ.get("SOAK_SECONDS") or SHORT_SECONDS)
+from tests.lab.tailnet_boot import boot, client, net  # noqa: F401 - fixtures, shared with the e2e layer
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "soak: a long run of containerboot (SOAK_SECONDS, short without it)")
-
-
-class Overrun(Exception):
-    """The soak's hard deadline passed."""
-
-
-@pytest.fixture
-def hard_deadline() -> Iterator[float]:
-    """A deadline no bug can stretch: SIGALRM raises in the test's (main) thread wherever it waits, so
-    teardown still stops containerboot and removes the namespaces. Yields the number of seconds."""
-    limit = soak_seconds() + 240  # setup with 1,000 services (about a minute, slower on a busy machine) + checks
-
-    def fire(signum: int, frame: FrameType | None) -> None:
-        raise Overrun(f"soak test passed its hard deadline of {limit:.0f}s")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(int(limit))
-    try:
-        yield limit
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
-# ---- /proc ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Figures:
-    """One process at one moment."""
-
-    threads: int
-    fds: int
-    rss_kib: int
-
-
-def figures(pid: int) -> Figures:
-    """Threads (/proc/PID/task), open fds (/proc/PID/fd) and VmRSS; OSError if the process is gone."""
-    rss = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1])
-    return Figures(len(os.listdir(f"/proc/{pid}/task")), len(os.listdir(f"/proc/{pid}/fd")), rss)
-
-
-def fd_targets(pid: int) -> list[str]:
-    """What each open fd is (for a message that names the leak)."""
-    out = []
-    for fd in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
-        try:
-            out.append(f"{fd} -> {os.readlink(f'/proc/{pid}/fd/{fd}')}")
-        except OSError:
-            continue
-    return out
-
-
-def thread_names(pid: int) -> list[str]:
-    names = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            names.append(Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip())
-        except OSError:
-            continue
-    return sorted(names)
-
-
-@dataclass(frozen=True)
-class Proc:
-    pid: int
-    ppid: int
-    state: str  # R, S, D, Z...
-    comm: str
-
-
-def processes() -> dict[int, Proc]:
-    out = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{name}/stat").read_text()
-        except OSError:
-            continue  # gone between the listing and the read
-        # comm is in parentheses and may hold spaces or parentheses itself: split at the last one.
-        head, _, tail = stat.rpartition(")")
-        fields = tail.split()
-        out[int(name)] = Proc(int(name), int(fields[1]), fields[0], head.split("(", 1)[1])
-    return out
-
-
-def descendants(pid: int, procs: dict[int, Proc]) -> list[Proc]:
-    children: dict[int, list[Proc]] = {}
-    for p in procs.values():
-        children.setdefault(p.ppid, []).append(p)
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child.pid)
-    return out
-
-
-# ---- series -----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Series:
-    """(seconds since the soak started, value) samples of one figure."""
-
-    name: str
-    unit: str = ""
-    points: list[tuple[float, int]] = field(default_factory=list)
-
-    def add(self, t: float, value: int) -> None:
-        self.points.append((t, value))
-
-    def values(self, since: float = 0.0, until: float = float("inf")) -> list[int]:
-        return [v for t, v in self.points if since <= t <= until]
-
-    def summary(self) -> str:
-        vs = self.values()
-        if not vs:
-            return f"{self.name}: no samples"
-        return (f"{self.name}{' ' + self.unit if self.unit else ''}: start {vs[0]}, min {min(vs)}, max {max(vs)}, "
-                f"end {vs[-1]} ({len(vs)} samples)")

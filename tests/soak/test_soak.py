@@ -11,7 +11,7 @@ One test per backend. The series of every figure is printed (start/min/max/end) 
 
 Services 0 and 1 target the client's IPv4 and IPv6 tailnet addresses (the data-path probes); the other 998
 target addresses nobody holds (IPv4, and every tenth IPv6): rules only, no traffic. TCP ports for all,
-a UDP port too for every third. Short without SOAK_SECONDS (see conftest.py); `make soak` runs 600 s.
+a UDP port too for every third. Short without SOAK_SECONDS (SHORT_SECONDS); `make soak` runs 600 s.
 
 SOAK_SABOTAGE=repair|fd|thread|rss runs containerboot with a sitecustomize that breaks it (no drift repair,
 an fd or a thread leaked per drift check, 256 KiB kept per drift check), to see the matching check fail.
@@ -21,31 +21,25 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Booted, site
-from tests.lab.fakes import kubelet_publish, wait_for
+from tests.lab.fakes import kubelet_publish
 from tests.lab.kubeapi import KubeAPI
 from tests.lab.kubepod import KubePod
+from tests.lab.procfs import Figures, Series, descendants, fd_targets, figures, processes, thread_names
 from tests.lab.tailnet import Node, Tailnet, tailscale_ip
-from tests.soak.conftest import (
-    Figures,
-    Series,
-    descendants,
-    fd_targets,
-    figures,
-    processes,
-    soak_seconds,
-    thread_names,
-)
+from tests.lab.tailnet_boot import Booted, site
+from tests.lab.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kube, pytest.mark.soak]
 
@@ -64,12 +58,44 @@ SETTLE = 3.0  # a changed thread/fd count is read again for this long (at least 
 # 90 s runs +128/+216 KiB. 2 MiB is 8 KiB a drift check over 8 minutes: one leaked listing of a few
 # mappings per check, or 128 KiB per flush, fails it; SOAK_SABOTAGE=rss (256 KiB a check) fails it by far.
 RSS_SLACK_KIB = 2048
+SHORT_SECONDS = 90.0  # without SOAK_SECONDS: three flushes, enough for CI to keep every check alive
+
+
+def soak_seconds() -> float:
+    """How long the soak runs: SOAK_SECONDS (unset: a short run that the normal suite keeps; `make soak` sets
+    600)."""
+    return float(os.environ.get("SOAK_SECONDS") or SHORT_SECONDS)
 
 
 def warm_up(duration: float) -> float:
     """When the baselines are taken: 2 minutes into a full run, a third of a short one (both after one flush of
     each kind before the clock and at least one in it)."""
     return 120.0 if duration >= 360 else duration / 3
+
+
+# ---- a deadline no bug can stretch --------------------------------------------------------------------------
+
+
+class Overrun(Exception):
+    """The soak's hard deadline passed."""
+
+
+@pytest.fixture
+def hard_deadline() -> Iterator[float]:
+    """A deadline no bug can stretch: SIGALRM raises in the test's (main) thread wherever it waits, so
+    teardown still stops containerboot and removes the namespaces. Yields the number of seconds."""
+    limit = soak_seconds() + 240  # setup with 1,000 services (about a minute, slower on a busy machine) + checks
+
+    def fire(signum: int, frame: FrameType | None) -> None:
+        raise Overrun(f"soak test passed its hard deadline of {limit:.0f}s")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(int(limit))
+    try:
+        yield limit
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 # ---- the config ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from containerboot.localapi import LocalAPI
 from containerboot.serve import ServeWatcher
 from containerboot.services import CertError, Services, Timing
 from containerboot.settings import load
+from tests.lab.wait import wait_for
 
 HA_INGRESS = {  # what the operator writes for an HA Ingress with HTTPS and HTTP, plus a kube-apiserver proxy
     "Services": {
@@ -225,15 +226,7 @@ def lines() -> Iterator[list[str]]:
     log.setup("text", None)
 
 
-def wait_for(predicate: Any, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return bool(predicate())
-
-
+POLL = 0.01  # wait_for's interval here: finer than FAST's first retry (0.05 s), so a count is seen at exactly 1
 FAST = Timing(schedule=(0.05, 0.1, 0.2, 0.4), renew=0.4)
 
 # ---- cert share: only the rw replica ---------------------------------------------------------------------
@@ -261,7 +254,7 @@ def test_rw_replica_waits_for_the_cert_domain_then_refreshes(standin: StandIn, l
         svc.on_serve_config(HA_INGRESS)
         assert svc.cert_loops == ("api.tailnet.ts.net", "web.tailnet.ts.net")
         # Not yet cert domains (the node has not been given them): asked once, no certificate call.
-        assert wait_for(lambda: standin.calls("GET", "/localapi/v0/cert-domains") == 1)
+        assert wait_for(lambda: standin.calls("GET", "/localapi/v0/cert-domains") == 1, interval=POLL)
         time.sleep(0.2)
         assert standin.calls("GET", "/localapi/v0/cert/") == 0
         # A netmap without a self change does not ask again; one with a self change does.
@@ -271,11 +264,11 @@ def test_rw_replica_waits_for_the_cert_domain_then_refreshes(standin: StandIn, l
         standin.cert_domains = ["web.tailnet.ts.net"]
         standin.cert_status = (200, b"-----BEGIN PRIVATE KEY-----\nsecret\n-----END PRIVATE KEY-----\n", {})
         svc.on_netmap(self_changed=True)
-        assert wait_for(lambda: standin.calls("GET", "/localapi/v0/cert/web.tailnet.ts.net") >= 1)
+        assert wait_for(lambda: standin.calls("GET", "/localapi/v0/cert/web.tailnet.ts.net") >= 1, interval=POLL)
         assert ("GET", "/localapi/v0/cert/web.tailnet.ts.net?type=pair&min_validity=0s") in standin.requests
         assert standin.calls("GET", "/localapi/v0/cert/api.tailnet.ts.net") == 0
         # Success: the next call comes after the renewal interval (0.4 s here), not at once.
-        assert wait_for(lambda: standin.calls("GET", "/localapi/v0/cert/web.tailnet.ts.net") >= 2, 3)
+        assert wait_for(lambda: standin.calls("GET", "/localapi/v0/cert/web.tailnet.ts.net") >= 2, 3, interval=POLL)
         # The key material never reaches the log.
         assert not any("secret" in line or "PRIVATE KEY" in line for line in lines)
         # A domain that leaves the serve config ends its loop.
@@ -298,7 +291,7 @@ def test_failures_back_off_and_log_once_per_step(standin: StandIn, lines: list[s
     svc.start()
     try:
         svc.on_serve_config({"Services": {"svc:web": HA_INGRESS["Services"]["svc:web"]}})
-        assert wait_for(lambda: standin.calls("GET", "/localapi/v0/cert/") >= 5, 5)
+        assert wait_for(lambda: standin.calls("GET", "/localapi/v0/cert/") >= 5, 5, interval=POLL)
         svc.stop()
         failures = [line for line in lines if "Error refreshing certificate" in line]
         assert failures[:5] == [line for line in failures[:5] if "web.tailnet.ts.net" in line]
@@ -308,7 +301,8 @@ def test_failures_back_off_and_log_once_per_step(standin: StandIn, lines: list[s
         # One line per attempt; an attempt that stop() cut off in flight logs nothing (no failure to report).
         assert standin.calls("GET", "/localapi/v0/cert/") - len(failures) in (0, 1)
         # (the stand-in closes its side of the last call on its own thread: a moment's grace)
-        assert wait_for(lambda: len(os.listdir("/proc/self/fd")) == fds, 2), "a call left its socket open"
+        assert wait_for(lambda: len(os.listdir("/proc/self/fd")) == fds, 2, interval=POLL), \
+            "a call left its socket open"
     finally:
         svc.stop()
 
@@ -321,7 +315,7 @@ def test_rate_limit_retry_after_is_honoured(standin: StandIn, lines: list[str]) 
     svc.start()
     try:
         svc.on_serve_config({"Services": {"svc:web": HA_INGRESS["Services"]["svc:web"]}})
-        assert wait_for(lambda: any("Will retry in 1h0m0s" in line for line in lines))
+        assert wait_for(lambda: any("Will retry in 1h0m0s" in line for line in lines), interval=POLL)
         assert "(retry 1): 429 rate limited" in next(line for line in lines if "Will retry" in line)
         time.sleep(0.3)  # the schedule's 50 ms would have come and gone
         assert standin.calls("GET", "/localapi/v0/cert/") == 1
@@ -336,7 +330,7 @@ def test_stop_cuts_off_a_cert_call_and_never_blocks_the_caller(standin: StandIn)
     standin.hold.set()  # tailscaled busy issuing: the call does not come back
     svc.start()
     svc.on_serve_config(HA_INGRESS)
-    assert wait_for(lambda: standin.calls("GET", "/localapi/v0/cert/") == 1)
+    assert wait_for(lambda: standin.calls("GET", "/localapi/v0/cert/") == 1, interval=POLL)
     # The caller (Boot's main loop) is not held by the call in progress.
     svc.on_serve_config(HA_INGRESS)
     svc.on_netmap(self_changed=True)
@@ -356,25 +350,26 @@ def test_advertises_the_serve_configs_services(standin: StandIn, lines: list[str
     try:
         standin.serve_config = HA_INGRESS
         svc.on_serve_config(HA_INGRESS)
-        assert wait_for(lambda: standin.prefs["AdvertiseServices"] == ["svc:api", "svc:plain", "svc:web"])
+        assert wait_for(lambda: standin.prefs["AdvertiseServices"] == ["svc:api", "svc:plain", "svc:web"],
+                        interval=POLL)
         assert "auto-advertisement: advertising services [svc:api svc:plain svc:web]" in lines[-1]
         # Unchanged: no new prefs write (each one is a state write); netmaps are coalesced.
         patches = standin.calls("PATCH", "/localapi/v0/prefs")
         for _ in range(20):
             svc.on_netmap()
         svc.on_serve_config(HA_INGRESS)
-        assert wait_for(lambda: standin.calls("GET", "/localapi/v0/prefs") >= 2)
+        assert wait_for(lambda: standin.calls("GET", "/localapi/v0/prefs") >= 2, interval=POLL)
         time.sleep(0.1)
         assert standin.calls("PATCH", "/localapi/v0/prefs") == patches
         assert standin.calls("GET", "/localapi/v0/serve-config") <= 3
         # A Service removed from the config is no longer advertised.
         standin.serve_config = {"Services": {"svc:web": HA_INGRESS["Services"]["svc:web"]}}
         svc.on_serve_config(standin.serve_config)
-        assert wait_for(lambda: standin.prefs["AdvertiseServices"] == ["svc:web"])
+        assert wait_for(lambda: standin.prefs["AdvertiseServices"] == ["svc:web"], interval=POLL)
         # All of them gone: ours are withdrawn.
         standin.serve_config = {"TCP": {"80": {"HTTP": True}}}
         svc.on_serve_config(standin.serve_config)
-        assert wait_for(lambda: standin.prefs["AdvertiseServices"] is None)
+        assert wait_for(lambda: standin.prefs["AdvertiseServices"] is None, interval=POLL)
     finally:
         svc.stop()
 
@@ -388,9 +383,10 @@ def test_a_failed_advertisement_is_retried(standin: StandIn, lines: list[str]) -
     try:
         svc.on_serve_config(HA_INGRESS)
         assert wait_for(lambda: any("auto-advertisement: GET /localapi/v0/serve-config: 500 serve config "
-                                    "unavailable; trying again in 1s" in line for line in lines))
+                                    "unavailable; trying again in 1s" in line for line in lines), interval=POLL)
         standin.serve_broken = False
-        assert wait_for(lambda: standin.prefs["AdvertiseServices"] == ["svc:api", "svc:plain", "svc:web"], 5)
+        assert wait_for(lambda: standin.prefs["AdvertiseServices"] == ["svc:api", "svc:plain", "svc:web"], 5,
+                        interval=POLL)
     finally:
         svc.stop()
 
@@ -400,7 +396,7 @@ def test_no_services_leaves_someone_elses_prefs(standin: StandIn) -> None:
     svc = Services(settings(), LocalAPI(standin.path))
     svc.start()
     svc.on_serve_config({"TCP": {"80": {"HTTP": True}}})
-    assert wait_for(lambda: standin.calls("GET", "/localapi/v0/serve-config") == 1)
+    assert wait_for(lambda: standin.calls("GET", "/localapi/v0/serve-config") == 1, interval=POLL)
     time.sleep(0.1)
     svc.stop()
     assert standin.prefs["AdvertiseServices"] == ["svc:manual"]
@@ -427,7 +423,7 @@ def test_unadvertise_after_advertising_and_the_wait(standin: StandIn, lines: lis
     svc.start()
     standin.serve_config = HA_INGRESS
     svc.on_serve_config(HA_INGRESS)
-    assert wait_for(lambda: standin.prefs["AdvertiseServices"])
+    assert wait_for(lambda: standin.prefs["AdvertiseServices"], interval=POLL)
     svc.on_netmap()  # a refresh that will be due in 5 s: stopped with the rest
     until = svc.unadvertise(time.monotonic() + 25)
     assert standin.prefs["AdvertiseServices"] is None
