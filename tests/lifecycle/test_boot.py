@@ -305,6 +305,16 @@ def test_tailscaled_killed_gives_nonzero_exit(root: Root, start: Callable[..., R
     run.wait_contains("tailscaled exited unexpectedly (killed by SIGKILL); exiting so that the container is restarted")
 
 
+def test_closed_http_server_is_named_as_configured(root: Root, start: Callable[..., Run]) -> None:
+    # Upstream logs the address as given ("HTTP server at [::]:9002 closed" in its own test table), not the
+    # socket's name for it (":::9002").
+    port = free_port()
+    run = start(TS_ENABLE_HEALTH_CHECK="true", TS_LOCAL_ADDR_PORT=f"[::1]:{port}")
+    run.wait_log(f"Running healthcheck endpoint at [::1]:{port}/healthz")
+    assert run.stop() == 0
+    run.wait_log(f"HTTP server at [::1]:{port} closed")
+
+
 def test_busy_health_port_is_a_clear_error(root: Root, start: Callable[..., Run]) -> None:
     import socket
 
