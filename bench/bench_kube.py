@@ -4,7 +4,7 @@ on the same lab (headscale + tailscaled in namespaces, a real kube-apiserver + e
 Each run is a proxy Pod as the operator makes it: TS_KUBE_SECRET, the proxies' service account, tailscaled
 with --state=kube:. Ready means what the operator waits for: `device_fqdn` and `device_ips` in the Secret
 (written only once the rules are live) and /healthz 200. Also printed: import time and RSS of the
-Kubernetes client (containerboot.kube) beside the bare interpreter.
+Kubernetes client (containerboot.kube.client) beside the bare interpreter.
 Run as root: `make bench`.
 """
 
@@ -115,8 +115,8 @@ def main() -> None:
     ratio = med("ours", "ready") / med("upstream", "ready")
     print(f"target {'met' if ratio <= 1.0 else 'MISSED'}: readiness ratio ours/upstream <= 1.0 ({ratio:.2f})")
     base_ms, base_rss = import_cost("pass")
-    kube_ms, kube_rss = import_cost("import containerboot.kube")
-    print(f"Kubernetes client import (containerboot.kube, with settings and ssl): {kube_ms - base_ms:.0f} ms, "
+    kube_ms, kube_rss = import_cost("import containerboot.kube.client")
+    print(f"Kubernetes client import (containerboot.kube.client, with settings and ssl): {kube_ms - base_ms:.0f} ms, "
           f"+{kube_rss - base_rss:.1f} MiB peak RSS over a bare interpreter ({base_rss:.1f} MiB)")
 
 

@@ -19,25 +19,14 @@ from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from containerboot import (
-    configdir,
-    egress,
-    health,
-    ingress,
-    ipn,
-    kube,
-    localapi,
-    log,
-    proxy,
-    rules,
-    serve,
-    services,
-    system,
-    tailscaled,
-)
+from containerboot import health, log, proxy, rules, system
 from containerboot.dns import ResolveError, lookup_bounded
-from containerboot.localapi import BusWatch, LocalAPI, LocalAPIError
+from containerboot.kube import client as kube
+from containerboot.kube import configdir, secret
+from containerboot.proxygroup import egress, ingress
 from containerboot.settings import Settings
+from containerboot.tailscale import ipn, localapi, serve, tailscaled, vipservices
+from containerboot.tailscale.localapi import BusWatch, LocalAPI, LocalAPIError
 from firewall.model import Driver, FirewallBusy, FirewallError, IPAddress, Plan
 
 if TYPE_CHECKING:
@@ -98,7 +87,7 @@ class Boot:
         self.watch: BusWatch | None = None
         self.watch_id = 0
         self.servers: list[health.Server] = []
-        self.ts_services = services.Services(s, self.api)  # Tailscale Services: cert share loops, advertisement
+        self.ts_services = vipservices.Services(s, self.api)  # Tailscale Services: cert share loops, advertisement
         self.serve = serve.ServeWatcher(s.serve_config, self.api, on_change=self.ts_services.on_serve_config) \
             if s.serve_config else None
         self.applied: Plan | None = None
@@ -118,7 +107,7 @@ class Boot:
         self.boot_deadline = time.monotonic() + s.boot_timeout  # set again when the boot starts
         self.started = False
         # Kubernetes state Secret: usable only in Kubernetes with patch rights (upstream's hasKubeStateStore).
-        self.kube: kube.SecretStore | None = None
+        self.kube: secret.SecretStore | None = None
         self.stored_id: str | None = None
         self.stored_endpoints: tuple[str, tuple[IPAddress, ...]] | None = None
         self.config_authkey = configdir.authkey(s.config_file) if s.config_file else ""
@@ -179,7 +168,7 @@ class Boot:
         env = tailscaled.child_env(os.environ)  # no secret variable reaches tailscaled
         s = self.s
         if s.cert_share:
-            env["TS_CERT_SHARE_MODE"] = services.cert_share_mode(s)
+            env["TS_CERT_SHARE_MODE"] = vipservices.cert_share_mode(s)
         if s.userspace:
             return env
         try:
@@ -215,7 +204,7 @@ class Boot:
     # ---- Kubernetes state Secret --------------------------------------------------------------------
 
     @property
-    def kube_store(self) -> kube.SecretStore | None:
+    def kube_store(self) -> secret.SecretStore | None:
         """The state Secret when containerboot may write to it: in Kubernetes with patch rights."""
         k = self.kube
         return k if k is not None and k.can_patch and self.s.in_kubernetes else None
@@ -231,7 +220,7 @@ class Boot:
         except kube.KubeError as exc:
             raise Exit(1, f"error initializing kube client: {exc}") from exc
         client.deadline = self.boot_deadline
-        store = kube.SecretStore(client, s.kube_secret)
+        store = secret.SecretStore(client, s.kube_secret)
         try:
             with self.interruptible():
                 store.check_permissions(log.info)
@@ -258,7 +247,7 @@ class Boot:
         if self.kube_store is not None and existing is not None:
             try:
                 with self.interruptible():
-                    store.patch(kube.reset_patch(existing, s.pod_uid, self.config_authkey))
+                    store.patch(secret.reset_patch(existing, s.pod_uid, self.config_authkey))
             except kube.KubeError as exc:
                 raise Exit(1, f"error clearing previous state from Secret: failed to read state Secret "
                               f"{json.dumps(s.kube_secret)} to reset state: {exc}") from exc
@@ -292,7 +281,7 @@ class Boot:
         if existing is None:
             log.info("TS_AUTHKEY not provided and state Secret does not exist, login will be interactive if needed.")
             return
-        raw = existing.get(kube.KEY_AUTHKEY, b"")
+        raw = existing.get(secret.KEY_AUTHKEY, b"")
         if raw:
             if not self.kube.can_patch:
                 raise Exit(1, "error setting up for running on Kubernetes: authkey found in TS_KUBE_SECRET, but the "
@@ -312,7 +301,7 @@ class Boot:
             return
         try:
             with self.interruptible():
-                store.patch({kube.KEY_DEVICE_ID: self.node.stable_id.encode()})
+                store.patch({secret.KEY_DEVICE_ID: self.node.stable_id.encode()})
         except kube.KubeError as exc:
             raise Exit(1, f"storing device ID in Kubernetes Secret: {exc}") from exc
         self.stored_id = self.node.stable_id
@@ -324,7 +313,7 @@ class Boot:
             return
         try:
             with self.interruptible():
-                store.patch(kube.endpoints_patch(*endpoints))
+                store.patch(secret.endpoints_patch(*endpoints))
         except kube.KubeError as exc:
             raise Exit(1, f"storing device IPs and FQDN in Kubernetes Secret: {exc}") from exc
         self.stored_endpoints = endpoints
@@ -343,7 +332,7 @@ class Boot:
                 log.info(f'Error waiting for consistent state on shutdown: getting Secret "{self.s.kube_secret}": '
                          f"{exc}")
                 return
-            if data is None or kube.consistent(data):
+            if data is None or secret.consistent(data):
                 return
             if not logged:
                 log.info(f'Waiting for tailscaled to finish writing state to Secret "{self.s.kube_secret}"')
@@ -368,7 +357,7 @@ class Boot:
         log.info("Requesting a new auth key from operator")
         try:
             with self.interruptible():
-                store.patch({kube.KEY_REISSUE: self.config_authkey.encode()})
+                store.patch({secret.KEY_REISSUE: self.config_authkey.encode()})
         except kube.KubeError as exc:
             raise Exit(1, "failed to get a reissued authkey: failed to set reissue_authkey in Kubernetes Secret: "
                           f"{exc}") from exc
@@ -401,7 +390,7 @@ class Boot:
                 try:
                     with self.interruptible():
                         existing = store.get() or {}
-                        store.patch(kube.clear_reissue_patch(existing))
+                        store.patch(secret.clear_reissue_patch(existing))
                 except kube.KubeError as exc:
                     log.info(f"Warning: failed to clear reissue request: error getting state secret: {exc}")
                 raise Exit(0, "Successfully received new auth key, restarting to apply configuration")
@@ -922,11 +911,11 @@ class Boot:
         if s.egress_proxies_config_path and self.egress_resolved is not None:
             new_egress = egress.status(self.egress_resolved, self.pod)
             if egress.wants_write(new_egress, self.egress_written):
-                patch[kube.KEY_EGRESS_SERVICES] = egress.status_bytes(new_egress)
+                patch[secret.KEY_EGRESS_SERVICES] = egress.status_bytes(new_egress)
         if s.ingress_proxies_config_path:
             new_ingress = ingress.status(self.ingress_cfg, self.pod)
             if ingress.wants_write(self.ingress_cfg, new_ingress, self.ingress_written):
-                patch[kube.KEY_INGRESS_CONFIG] = egress.status_bytes(new_ingress)
+                patch[secret.KEY_INGRESS_CONFIG] = egress.status_bytes(new_ingress)
         if not patch:
             self.status_retry = False
             self.status_inputs = inputs
@@ -943,11 +932,11 @@ class Boot:
             return
         self.status_retry = False
         self.status_inputs = inputs
-        if kube.KEY_EGRESS_SERVICES in patch:
+        if secret.KEY_EGRESS_SERVICES in patch:
             self.egress_written = new_egress
             n = len((new_egress or {}).get("services") or {})
             log.info(f"egress services: status of {n} services written to the state Secret")
-        if kube.KEY_INGRESS_CONFIG in patch:
+        if secret.KEY_INGRESS_CONFIG in patch:
             self.ingress_written = new_ingress
             n = len((new_ingress or {}).get("configs") or {})
             log.info(f"ingress services: status of {n} services written to the state Secret")
@@ -993,7 +982,7 @@ class Boot:
         if updated and store is not None:
             try:
                 with self.interruptible():
-                    store.patch({kube.KEY_HTTPS_ENDPOINT: self.node.cert_domain.encode()})
+                    store.patch({secret.KEY_HTTPS_ENDPOINT: self.node.cert_domain.encode()})
             except kube.KubeError as exc:
                 raise Exit(1, f"serve proxy: error storing HTTPS endpoint: {exc}") from exc
 

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from containerboot import cli, log
-from containerboot.cli import _fail, settings_or_exit
+from containerboot import log, startup
 from containerboot.settings import Settings, parse_host_ip, shown
+from containerboot.startup import _fail, settings_or_exit
 from firewall.model import FirewallError, IPAddress
 
 if TYPE_CHECKING:
@@ -43,7 +43,8 @@ def _ips(values: Sequence[str], option: str) -> tuple[IPAddress, ...]:
 def _services(settings: Settings, families: Sequence[int]) -> tuple[Any, Any, list[str]]:
     """The egress services (IP targets only: names are resolved from the netmap at run time) and ingress
     services of the config files, as a replica reads them."""
-    from containerboot import egress, ingress, ipn
+    from containerboot.proxygroup import egress, ingress
+    from containerboot.tailscale import ipn
 
     resolved: list[egress.Resolved] = []
     icfg: ingress.Configs | None = None
@@ -86,7 +87,7 @@ def _plan(settings: Settings, tailnet_ips: Sequence[str], target_addrs: Sequence
 
 def _status(settings: Settings) -> dict[str, Any]:
     """The services' status a replica with these config files writes to its state Secret."""
-    from containerboot import egress, ingress
+    from containerboot.proxygroup import egress, ingress
 
     resolved, icfg, _ = _services(settings, (4, 6))
     pod = egress.pod_ips(settings.pod_ips)
@@ -110,7 +111,7 @@ target_addr_option = click.option(
 def commands(ctx: click.Context) -> None:
     """Entrypoint for Tailscale containers. Without a subcommand: boot tailscaled and keep its rules."""
     if ctx.invoked_subcommand is None:
-        cli.boot()
+        startup.boot()
 
 
 @commands.command()

@@ -14,7 +14,7 @@ socket and a few hundred bytes, never a thread:
   the request gets 503 instead of a queue without end;
 - running out of file descriptors (EMFILE) closes the connection that cannot be served and
   pauses accepting for a moment; it never ends the program.
-Requests are parsed and answered by containerboot/http1.py (HTTP/1.0, one request per connection):
+Requests are parsed and answered by containerboot/tailscale/http1.py (HTTP/1.0, one request per connection):
 http.server would bring http.client, email and ssl, about 5 MiB resident in every pod.
 """
 
@@ -33,9 +33,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from containerboot import http1, log
-from containerboot.localapi import LocalAPI, LocalAPIError
+from containerboot import log
 from containerboot.settings import Settings, parse_addr_port
+from containerboot.tailscale import http1
+from containerboot.tailscale.localapi import LocalAPI, LocalAPIError
 
 NO_IPS = b"node currently has no tailscale IPs\n"
 PRESHUTDOWN_PATH = "/internal-egress-services-preshutdown"  # kubetypes.EgessServicesPreshutdownEP

@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from containerboot import egress, ingress, proxy
+from containerboot import proxy
+from containerboot.proxygroup import egress, ingress
 from containerboot.settings import Settings
 from firewall.model import Dnat, IPAddress, MssClamp, Plan, PortMap, Rule, Snat
 

@@ -1,5 +1,5 @@
 """Cert share loops and Service advertisement against a real tailscaled logged in to headscale: the
-services module (containerboot/services.py) driven as Boot drives it, its effect read back through the
+services module (containerboot/tailscale/vipservices.py) driven as Boot drives it, its effect read back through the
 node's own LocalAPI. headscale issues no certificates (no cert domains), so every cert call fails in
 tailscaled: the loop's calls, their logged failures and its backoff are what is shown."""
 
@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from containerboot import log
-from containerboot.localapi import LocalAPI
-from containerboot.serve import ServeWatcher
-from containerboot.services import Services, Timing
 from containerboot.settings import load
+from containerboot.tailscale.localapi import LocalAPI
+from containerboot.tailscale.serve import ServeWatcher
+from containerboot.tailscale.vipservices import Services, Timing
 from tests.lab.tailnet import Node, Tailnet
 from tests.lab.tailnet_boot import Booted, site
 from tests.lab.wait import wait_for

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from containerboot import tailscaled
+from containerboot.tailscale import tailscaled
 from tests.lab.fakes import SECRET, Root, Run, child_pid, netmap
 from tests.lab.wait import wait_for
 

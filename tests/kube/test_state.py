@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
-from containerboot import kube
+from containerboot.kube import client as kube
 from containerboot.settings import CAPABILITY_VERSION
 from tests.lab.fakes import SECRET, Root, Run, kubelet_publish, netmap, peer, state, temp_root
 from tests.lab.kubeapi import PROXIES_ROLE_RULES, KubeAPI, Rule

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from containerboot.localapi import LocalAPI
+from containerboot.tailscale.localapi import LocalAPI
 from tests.conftest import ROOT, need, need_root, python_exe
 from tests.lab.fakes import Run
 from tests.lab.netns import Lab
@@ -33,12 +33,13 @@ FAILOVER = 20.0
 # Boot's part, as the wiring proposed for boot.py has it.
 HARNESS = r"""
 import json, os, signal, threading, time
-from containerboot import log, services, settings
-from containerboot.localapi import LocalAPI
+from containerboot import log, settings
+from containerboot.tailscale import vipservices
+from containerboot.tailscale.localapi import LocalAPI
 
 s = settings.load(os.environ)
 api = LocalAPI(s.socket)
-svc = services.Services(s, api)
+svc = vipservices.Services(s, api)
 stop = threading.Event()
 signals = []
 

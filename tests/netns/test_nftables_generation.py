@@ -85,7 +85,7 @@ def test_idle_driver_frees_the_libnftables_cache(lab: Lab) -> None:
     ns = lab.ns("n")
     script = textwrap.dedent("""
         import ipaddress, json, subprocess
-        from containerboot.cli import tune_malloc
+        from containerboot.startup import tune_malloc
         tune_malloc()
         from firewall.model import Dnat, MssClamp, Plan
         from firewall.nftables import NftablesDriver, open_libnft

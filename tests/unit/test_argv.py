@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from containerboot import ipn
 from containerboot.settings import load
-from containerboot.tailscaled import redact, set_argv, tailscaled_argv, up_argv
+from containerboot.tailscale import ipn
+from containerboot.tailscale.tailscaled import redact, set_argv, tailscaled_argv, up_argv
 
 
 def test_tailscaled_argv_state_modes() -> None:

@@ -10,23 +10,24 @@ import sys
 import textwrap
 from pathlib import Path
 
-from containerboot import ipn
+from containerboot.tailscale import ipn
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # Everything a kernel-mode boot with services, the health endpoint and the Kubernetes store may import.
-BOOT_MODULES = ["containerboot.boot", "containerboot.kube", "containerboot.services", "containerboot.egress",
-                "containerboot.ingress", "containerboot.health", "containerboot.localapi", "firewall.detect",
-                "firewall.nftables", "firewall.iptables", "firewall.xtables"]
+BOOT_MODULES = ["containerboot.boot", "containerboot.kube.client", "containerboot.kube.secret",
+                "containerboot.tailscale.vipservices", "containerboot.proxygroup.egress",
+                "containerboot.proxygroup.ingress", "containerboot.health", "containerboot.tailscale.localapi",
+                "firewall.detect", "firewall.nftables", "firewall.iptables", "firewall.xtables"]
 
 
 def boot_interpreter(after: str = "") -> dict[str, object]:
     script = textwrap.dedent(f"""
         import json, sys
         sys.path.insert(0, {str(ROOT)!r})
-        from containerboot import cli
-        cli.tune_malloc()
-        cli.defer_inspect()
+        from containerboot import startup
+        startup.tune_malloc()
+        startup.defer_inspect()
         for name in {BOOT_MODULES!r}:
             __import__(name)
         out = {{"loaded": sorted(sys.modules)}}
@@ -41,7 +42,7 @@ def test_boot_path_leaves_out_what_it_does_not_use() -> None:
     assert isinstance(names, list)
     loaded = set(names)
     # inspect's own imports (it stays deferred: every dataclass of ours has a docstring), TLS and the
-    # stdlib's HTTP and mail packages (containerboot.http1 serves instead), the subcommands' click.
+    # stdlib's HTTP and mail packages (containerboot.tailscale.http1 serves instead), the subcommands' click.
     unwanted = {"ast", "dis", "tokenize", "linecache", "ssl", "http.client", "http.server", "email", "click",
                 "tempfile", "shutil", "difflib"}
     assert not unwanted & loaded, sorted(unwanted & loaded)

@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 
-from containerboot import egress, ingress, ipn, proxy, rules
+from containerboot import proxy, rules
+from containerboot.proxygroup import egress, ingress
 from containerboot.settings import Settings
+from containerboot.tailscale import ipn
 from firewall.model import Dnat, DnatNonTailnet, MssClamp, Plan, PortMap, Snat
 
 a = ipaddress.ip_address

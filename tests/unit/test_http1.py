@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from containerboot import http1
+from containerboot.tailscale import http1
 from firewall.paths import which
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from containerboot import ingress
+from containerboot.proxygroup import ingress
 
 V4 = {"TailscaleServiceIP": "100.100.0.1", "ClusterIP": "10.96.0.10"}
 V6 = {"TailscaleServiceIP": "fd7a:115c:a1e0::a", "ClusterIP": "fd00::10"}

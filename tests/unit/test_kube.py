@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from containerboot import configdir, kube
+from containerboot.kube import client as kube
+from containerboot.kube import configdir, secret
 from containerboot.log import go_duration
 from containerboot.settings import CAPABILITY_VERSION, load
 
@@ -21,7 +22,7 @@ from containerboot.settings import CAPABILITY_VERSION, load
     ({"reissue_authkey": b"old"}, "uid", "", "absent"),  # no config key to compare with: keep
 ])
 def test_reset_patch(existing: dict[str, bytes], pod_uid: str, config_key: str, expected_reissue: object) -> None:
-    patch = kube.reset_patch(existing, pod_uid, config_key)
+    patch = secret.reset_patch(existing, pod_uid, config_key)
     assert patch["tailscale_capver"] == str(CAPABILITY_VERSION).encode()
     assert patch["https_endpoint"] is None and patch["egress-services"] is None
     assert patch["ingress-config.json"] is None
@@ -32,10 +33,10 @@ def test_reset_patch(existing: dict[str, bytes], pod_uid: str, config_key: str, 
 
 
 def test_clear_reissue_patch_forgets_the_node() -> None:
-    patch = kube.clear_reissue_patch({"_current-profile": b"profile-abcd", "profile-abcd": b"{}"})
+    patch = secret.clear_reissue_patch({"_current-profile": b"profile-abcd", "profile-abcd": b"{}"})
     assert patch == dict.fromkeys(["reissue_authkey", "device_id", "device_fqdn", "device_ips", "_machinekey",
                                    "_current-profile", "_profiles", "profile-abcd"])
-    assert not any(k.startswith("profile-") for k in kube.clear_reissue_patch({}))
+    assert not any(k.startswith("profile-") for k in secret.clear_reissue_patch({}))
 
 
 @pytest.mark.parametrize(("keys", "ok"), [
@@ -47,14 +48,14 @@ def test_clear_reissue_patch_forgets_the_node() -> None:
     (("device_id", "authkey"), True),  # containerboot's own keys do not count
 ])
 def test_consistent(keys: tuple[str, ...], ok: bool) -> None:
-    assert kube.consistent(dict.fromkeys(keys, b"x")) is ok
+    assert secret.consistent(dict.fromkeys(keys, b"x")) is ok
 
 
 def test_endpoints_patch_is_gos_json() -> None:
     addrs = (ipaddress.ip_address("100.64.0.1"), ipaddress.ip_address("fd7a:115c:a1e0::1"))
-    assert kube.endpoints_patch("n.ts.net.", addrs) == {
+    assert secret.endpoints_patch("n.ts.net.", addrs) == {
         "device_fqdn": b"n.ts.net.", "device_ips": b'["100.64.0.1","fd7a:115c:a1e0::1"]'}
-    assert kube.endpoints_patch("n.ts.net.", ())["device_ips"] == b"null"  # a nil []string
+    assert secret.endpoints_patch("n.ts.net.", ())["device_ips"] == b"null"  # a nil []string
 
 
 def test_decode_data() -> None:
@@ -121,7 +122,7 @@ def test_dir_watch_sees_a_kubelet_swap(tmp_path: Path) -> None:
 def test_path_segments_are_encoded_as_urllib_would() -> None:
     import urllib.parse
 
-    from containerboot.kube import _segment
+    from containerboot.kube.client import _segment
 
     for text in ("tailscale", "ts-proxy-0", "a b/c", "ü-x.y_z~", "%", "?#"):
         assert _segment(text) == urllib.parse.quote(text, safe="")

@@ -1,4 +1,4 @@
-"""Cert share and Service advertisement (containerboot/services.py): the decisions as tables, and the
+"""Cert share and Service advertisement (containerboot/tailscale/vipservices.py): the decisions as tables, and the
 threads against a LocalAPI stand-in on a unix socket (the real tailscaled runs in tests/e2e and
 tests/lifecycle; here the stand-in can hold a call open or answer 429, which tailscaled will not on cue)."""
 
@@ -18,11 +18,12 @@ from typing import Any
 
 import pytest
 
-from containerboot import log, services
-from containerboot.localapi import LocalAPI
-from containerboot.serve import ServeWatcher
-from containerboot.services import CertError, Services, Timing
+from containerboot import log
 from containerboot.settings import load
+from containerboot.tailscale import vipservices
+from containerboot.tailscale.localapi import LocalAPI
+from containerboot.tailscale.serve import ServeWatcher
+from containerboot.tailscale.vipservices import CertError, Services, Timing
 from tests.lab.wait import wait_for
 
 HA_INGRESS = {  # what the operator writes for an HA Ingress with HTTPS and HTTP, plus a kube-apiserver proxy
@@ -56,25 +57,25 @@ def settings(**env: str) -> Any:
     ({"TS_EXPERIMENTAL_CERT_SHARE": "false", "POD_NAME": "pg-0"}, ""),
 ])
 def test_cert_share_mode(env: dict[str, str], mode: str) -> None:
-    assert services.cert_share_mode(settings(**env)) == mode
+    assert vipservices.cert_share_mode(settings(**env)) == mode
 
 
 def test_cert_domains_are_the_services_https_names() -> None:
     # Service web hosts on 443 and TerminateTLS names; not port 80, not the node's own (non-Service) HTTPS.
-    assert services.cert_domains(HA_INGRESS) == {"web.tailnet.ts.net", "api.tailnet.ts.net"}
-    assert services.cert_domains({}) == frozenset()
-    assert services.cert_domains(None) == frozenset()
-    assert services.cert_domains({"Services": {"svc:x": None, "svc:y": {"Web": None, "TCP": None}}}) == frozenset()
+    assert vipservices.cert_domains(HA_INGRESS) == {"web.tailnet.ts.net", "api.tailnet.ts.net"}
+    assert vipservices.cert_domains({}) == frozenset()
+    assert vipservices.cert_domains(None) == frozenset()
+    assert vipservices.cert_domains({"Services": {"svc:x": None, "svc:y": {"Web": None, "TCP": None}}}) == frozenset()
     # Not DNS names: never a certificate, and never into the endpoint's path.
-    assert services.cert_domains({"Services": {"svc:v6": {"Web": {"[fd7a::1]:443": {}, "a b:443": {},
+    assert vipservices.cert_domains({"Services": {"svc:v6": {"Web": {"[fd7a::1]:443": {}, "a b:443": {},
                                                                    "x/../y:443": {}, ":443": {}}},
                                                "svc:q": {"TCP": {"443": {"TerminateTLS": "a?b"}}}}}) == frozenset()
 
 
 def test_service_names_sorted() -> None:
-    assert services.service_names(HA_INGRESS) == ("svc:api", "svc:plain", "svc:web")
-    assert services.service_names({"TCP": {"80": {"HTTP": True}}}) == ()
-    assert services.service_names({"Services": []}) == ()
+    assert vipservices.service_names(HA_INGRESS) == ("svc:api", "svc:plain", "svc:web")
+    assert vipservices.service_names({"TCP": {"80": {"HTTP": True}}}) == ()
+    assert vipservices.service_names({"Services": []}) == ()
 
 
 def test_next_retry_walks_upstreams_schedule() -> None:
@@ -82,38 +83,38 @@ def test_next_retry_walks_upstreams_schedule() -> None:
     failed = CertError("500 boom")
     seen, retry = [], 0
     for _ in range(6):
-        interval, retry = services.next_retry(failed, retry, t)
+        interval, retry = vipservices.next_retry(failed, retry, t)
         seen.append((interval, retry))
     assert seen == [(60.0, 1), (600.0, 2), (6000.0, 3), (86400.0, 4), (86400.0, 5), (86400.0, 6)]
     # Success resets the count and waits a day; a call that never reached the CA retries in a minute
     # without counting; a rate limit's Retry-After wins but still counts.
-    assert services.next_retry(None, 5, t) == (86400.0, 0)
-    assert services.next_retry(CertError("refused", transient=True), 2, t) == (60.0, 2)
-    assert services.next_retry(CertError("429", retry_after=3600.0), 0, t) == (3600.0, 1)
+    assert vipservices.next_retry(None, 5, t) == (86400.0, 0)
+    assert vipservices.next_retry(CertError("refused", transient=True), 2, t) == (60.0, 2)
+    assert vipservices.next_retry(CertError("429", retry_after=3600.0), 0, t) == (3600.0, 1)
 
 
 def test_transient_errors_are_upstreams() -> None:
-    assert services._cert_error(ConnectionRefusedError(111, "refused")).transient
-    assert services._cert_error(ConnectionResetError(104, "reset")).transient
-    assert services._cert_error(BrokenPipeError(32, "pipe")).transient
-    assert services._cert_error(TimeoutError("timed out")).transient
-    assert not services._cert_error(FileNotFoundError(2, "no socket")).transient
-    assert not services._cert_error(OSError("malformed status line")).transient
+    assert vipservices._cert_error(ConnectionRefusedError(111, "refused")).transient
+    assert vipservices._cert_error(ConnectionResetError(104, "reset")).transient
+    assert vipservices._cert_error(BrokenPipeError(32, "pipe")).transient
+    assert vipservices._cert_error(TimeoutError("timed out")).transient
+    assert not vipservices._cert_error(FileNotFoundError(2, "no socket")).transient
+    assert not vipservices._cert_error(OSError("malformed status line")).transient
 
 
 def test_retry_after_header() -> None:
-    assert services.retry_after("120") == 120.0
-    assert services.retry_after(None) == 0.0
-    assert services.retry_after("soon") == 0.0
+    assert vipservices.retry_after("120") == 120.0
+    assert vipservices.retry_after(None) == 0.0
+    assert vipservices.retry_after("soon") == 0.0
     now = time.time()
-    assert services.retry_after(formatdate(now + 300, usegmt=True), now) == pytest.approx(300, abs=1)
-    assert services.retry_after(formatdate(now - 300, usegmt=True), now) == 0.0
+    assert vipservices.retry_after(formatdate(now + 300, usegmt=True), now) == pytest.approx(300, abs=1)
+    assert vipservices.retry_after(formatdate(now - 300, usegmt=True), now) == 0.0
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(60, "1m0s"), (600, "10m0s"), (6000, "1h40m0s"), (86400, "24h0m0s"),
                                                (0.3, "300ms"), (1.5, "1.5s"), (2, "2s")])
 def test_duration_as_go_prints_it(seconds: float, text: str) -> None:
-    assert services.duration(seconds) == text
+    assert vipservices.duration(seconds) == text
 
 
 # ---- a LocalAPI stand-in ----------------------------------------------------------------------------------
@@ -448,7 +449,7 @@ def test_interrupt_ends_the_failover_wait(standin: StandIn) -> None:
 
 
 def test_handler_count_includes_services() -> None:
-    from containerboot.serve import handler_count
+    from containerboot.tailscale.serve import handler_count
 
     # node: TCP 443 + one web handler; svc:web: two ports, two web handlers; svc:api and svc:plain: a port each
     assert handler_count(HA_INGRESS) == 2 + 4 + 1 + 1
@@ -464,4 +465,4 @@ def test_serve_watcher_hands_each_handled_config_on(standin: StandIn, tmp_path: 
     assert watcher.poll("no-https")  # skipped for want of HTTPS: upstream still runs the cert loops
     assert watcher.poll("tailnet.ts.net")
     assert not watcher.poll("tailnet.ts.net")
-    assert [services.cert_domains(c) for c in seen] == [{"web.no-https"}, {"web.tailnet.ts.net"}]
+    assert [vipservices.cert_domains(c) for c in seen] == [{"web.no-https"}, {"web.tailnet.ts.net"}]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from containerboot.tailscaled import remove_stale_socket
+from containerboot.tailscale.tailscaled import remove_stale_socket
 
 
 def test_stale_tailscaled_socket_is_removed_and_a_live_one_kept(tmp_path: Path) -> None:

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from containerboot import egress
-from containerboot.egress import read_file, show
+from containerboot.proxygroup import egress
+from containerboot.proxygroup.egress import read_file, show
 from firewall.model import IPAddress
 
 SETTING = "TS_INGRESS_PROXIES_CONFIG_PATH"

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from containerboot import log
-from containerboot.localapi import LocalAPI
+from containerboot.tailscale.localapi import LocalAPI
 
 NO_HTTPS_WARNING = (
     "serve proxy: this node is configured as a proxy that exposes an HTTPS endpoint to tailnet, (perhaps a "

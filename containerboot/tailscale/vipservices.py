@@ -22,9 +22,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from containerboot import http1, log
-from containerboot.localapi import HOST, LocalAPI, LocalAPIError
+from containerboot import log
 from containerboot.settings import CAPABILITY_VERSION, Settings
+from containerboot.tailscale import http1
+from containerboot.tailscale.localapi import HOST, LocalAPI, LocalAPIError
 
 RETRY_SCHEDULE = (60.0, 600.0, 6000.0, 86400.0)  # Let's Encrypt's advice for retrying failed issuance
 RENEW_INTERVAL = 86400.0  # a fresh certificate is asked for again daily; tailscaled renews it when due

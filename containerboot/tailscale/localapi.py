@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
-from containerboot import http1
 from containerboot.settings import CAPABILITY_VERSION
+from containerboot.tailscale import http1
 
 HOST = "local-tailscaled.sock"
 TIMEOUT = 10.0  # a tailscaled that accepts and never answers costs at most this per call

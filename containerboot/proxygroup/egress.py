@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from containerboot import ipn
 from containerboot.settings import shown
+from containerboot.tailscale import ipn
 from firewall.model import IPAddress
 
 SETTING = "TS_EGRESS_PROXIES_CONFIG_PATH"
