@@ -1,5 +1,6 @@
 """The kernel side of the iptables driver: one family's legacy xtables tables, read and committed with
-the kernel's own socket options (firewall/xtables.py), in the driver's own process.
+the kernel's own socket options (`Kernel`; the table format and the splice are firewall/xtables.py), in
+the driver's own process.
 
 Why in-process (it was one long-lived worker interpreter per family, spoken to over a pipe):
 - memory: each worker was a second interpreter, about 12 MB (20 MB holding 10,000 rules); bench_boot
@@ -16,14 +17,31 @@ What went with the workers: both families read in parallel (the v6 table is read
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+import ctypes
+import os
+import socket
+import struct
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from firewall import xtables
 from firewall.errors import FirewallBusy, FirewallError
+from firewall.xtables import (
+    COUNTER,
+    COUNTERS_INFO,
+    GET_ENTRIES,
+    GETINFO,
+    LAYOUT,
+    REPLACE,
+    SO_GET_ENTRIES,
+    SO_GET_INFO,
+    SO_SET_ADD_COUNTERS,
+    SO_SET_REPLACE,
+    unvouched,
+)
 
 # {table: {owned chain: (the built-in chain that jumps to it, or None; its rules, or None to remove it)}}
-Tables = Mapping[str, Mapping[str, tuple[str | None, list[bytes] | None]]]
+Tables = Mapping[str, xtables.Owned]
 
 
 @dataclass(frozen=True)
@@ -34,6 +52,109 @@ class ReadBack:
     version: int
     same: bool
     chains: dict[str, tuple[int, list[bytes]]]
+
+
+# ---- the kernel --------------------------------------------------------------------------------------
+
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.getsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint)]
+libc.setsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint]
+
+
+class Kernel:
+    """The ip_tables or ip6_tables socket options of this network namespace, through one raw socket."""
+
+    def __init__(self, fam: int) -> None:
+        self.lay = LAYOUT[fam]
+        self._sock: socket.socket | None = None
+        self._buffers: dict[str, ctypes.Array[ctypes.c_char]] = {}
+
+    def close(self) -> None:
+        """Close the raw socket and drop the read buffers (a table of 10,000 rules is about 3 MB)."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._buffers.clear()
+
+    def _fd(self) -> int:
+        if self._sock is None:
+            why = unvouched()
+            if why:
+                raise xtables.TableError(why)
+            try:
+                self._sock = socket.socket(self.lay.af, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            except OSError as exc:
+                err = exc.errno or 0
+                raise xtables.TableError(f"cannot open a raw socket: {os.strerror(err)}", err) from None
+        return self._sock.fileno()
+
+    def _get(self, opt: int, buf: ctypes.Array[ctypes.c_char], what: str) -> None:
+        size = ctypes.c_uint(len(buf))
+        if libc.getsockopt(self._fd(), self.lay.level, opt, buf, ctypes.byref(size)) != 0:
+            err = ctypes.get_errno()
+            raise xtables.TableError(f"{what}: {os.strerror(err)}", err)
+
+    def info(self, table: str) -> tuple[int, ...]:
+        """valid_hooks, hook_entry[5], underflow[5], num_entries, size. This instantiates the table in
+        this network namespace when it was not yet (and fails when its module is missing)."""
+        buf = ctypes.create_string_buffer(GETINFO.pack(table.encode(), 0, *[0] * 10, 0, 0), GETINFO.size)
+        self._get(SO_GET_INFO, buf, f"table {table}")
+        return GETINFO.unpack(buf.raw)[1:]
+
+    def read(self, table: str) -> xtables.Table:
+        return xtables.Table(self.lay, table, *self.read_raw(table))
+
+    def read_raw(self, table: str) -> tuple[tuple[int, ...], bytes]:
+        """(valid_hooks, hook_entry[5], underflow[5], num_entries) and the entries as the kernel gives them."""
+        refused = 0
+        for _ in range(5):  # the table may change size between the two calls
+            info = self.info(table)
+            size = info[-1]
+            buf = self._buffers.get(table)
+            if buf is None or len(buf) != GET_ENTRIES.size + size:
+                # Kept for the next read of the same size: a fresh 4 MB buffer costs its page faults each time.
+                buf = self._buffers[table] = ctypes.create_string_buffer(GET_ENTRIES.size + size)
+            GET_ENTRIES.pack_into(buf, 0, table.encode(), size)
+            try:
+                self._get(SO_GET_ENTRIES, buf, f"table {table}")
+            except xtables.TableError as exc:
+                if exc.errno == 11 or exc.errno == 22:  # EAGAIN, EINVAL: replaced meanwhile
+                    refused += exc.errno == 22
+                    continue
+                raise
+            return info[:-1], ctypes.string_at(ctypes.addressof(buf) + GET_ENTRIES.size, size)
+        if refused == 5:  # the size it gave us, refused each time: not a table that moves
+            raise xtables.TableError(f"table {table}: the kernel refused every read (EINVAL): it expects another "
+                                     "layout (a 32-bit program on a 64-bit kernel without "
+                                     "CONFIG_NETFILTER_XTABLES_COMPAT?)", 22)
+        raise xtables.TableError(f"table {table}: changing too fast to be read")
+
+    def replace(self, table: xtables.Table, blob: bytes, entries: int, hook_entry: Iterable[int],
+                underflow: Iterable[int]) -> bytes:
+        """Install `blob` in place of `table`; returns the old table's counters (EAGAIN when it changed)."""
+        old = ctypes.create_string_buffer(max(1, table.num_entries * COUNTER))
+        head = REPLACE.pack(table.name.encode(), table.valid_hooks, entries, len(blob), *hook_entry, *underflow,
+                            table.num_entries, ctypes.addressof(old))
+        data = ctypes.create_string_buffer(head + blob, len(head) + len(blob))
+        if libc.setsockopt(self._fd(), self.lay.level, SO_SET_REPLACE, data, len(data)) != 0:
+            err = ctypes.get_errno()
+            raise xtables.TableError(f"table {table.name}: {os.strerror(err)}", err)
+        return old.raw[:table.num_entries * COUNTER]
+
+    def target_revision(self, name: str, revisions: Iterable[int]) -> int | None:
+        """The first of `revisions` of target `name` this kernel has (None: none, or the module is missing)."""
+        for revision in revisions:
+            buf = ctypes.create_string_buffer(struct.pack("=29sB", name.encode(), revision), 30)
+            size = ctypes.c_uint(len(buf))
+            opt = self.lay.so_get_revision_target
+            if libc.getsockopt(self._fd(), self.lay.level, opt, buf, ctypes.byref(size)) >= 0:
+                return revision
+        return None
+
+    def add_counters(self, table: str, counters: bytes) -> None:
+        data = ctypes.create_string_buffer(COUNTERS_INFO.pack(table.encode(), len(counters) // COUNTER) + counters)
+        libc.setsockopt(self._fd(), self.lay.level, SO_SET_ADD_COUNTERS, data, len(data) - 1)
 
 
 class Seen:
@@ -61,7 +182,7 @@ class Server:
     """One family's tables. `version` names the tables' content as last reported to the driver."""
 
     def __init__(self, fam: int) -> None:
-        self.kernel = xtables.Kernel(fam)
+        self.kernel = Kernel(fam)
         self.fam = fam
         self.version = 0
         self.seen: dict[str, Seen | None] = {}
@@ -97,7 +218,7 @@ class Server:
             raise refused
         return self.version
 
-    def _commit(self, name: str, owned: Mapping[str, tuple[str | None, list[bytes] | None]]) -> Seen:
+    def _commit(self, name: str, owned: xtables.Owned) -> Seen:
         """Splice `owned` into the table and replace it; returns what reading it back will give (the
         kernel keeps what we write; counters and its marks, zero in what we write, are masked)."""
         for _ in range(5):

@@ -9,21 +9,21 @@ hook's entry offset and ends with its policy at the hook's underflow offset. A j
 target whose verdict is the byte offset of the rule it continues at.
 
 `splice` rewrites chosen chains of a table and leaves every other entry as it was, moving the jump
-offsets that point past a change. Only the standard library and ctypes (for getsockopt buffers larger
-than socket.getsockopt allows) are used: no libxtables, and so no per-family limit on which extensions
-one process can build.
+offsets that point past a change. This module is the format, pure (ctypes only to learn this platform's
+struct layout); the socket options that read and replace a table are iptables_kernel.py's `Kernel`. No
+libxtables, and so no per-family limit on which extensions one process can build.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 import socket
 import struct
 import sys
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping
 from functools import cached_property
+from typing import NamedTuple
 
 NAMES_FILE = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
 HOOKS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
@@ -322,14 +322,24 @@ def mask(lay: Layout, raw: bytes, offs: Iterable[int]) -> bytes:
     return bytes(blob)
 
 
-def splice(table: Table, owned: Mapping[str, tuple[str | None, list[bytes] | None]]) -> Spliced:
+Owned = Mapping[str, tuple[str | None, list[bytes] | None]]
+
+
+def splice(table: Table, owned: Owned) -> Spliced:
     """Rewrite the chains in `owned` ({chain: (built-in chain that jumps to it, or None for no jump; its new
     rules, or None to remove it)}) and keep every other entry as it is. A chain that stays is reached by
-    exactly one jump from its built-in chain: the first one found stays where it is; when there is none,
-    one goes at the top. A new chain goes among the user chains in name order, as iptables puts it."""
-    lay = table.lay
-    drop: set[int] = set()  # old jump entries that go
-    add_jump: dict[str, list[str]] = {}  # built-in chain -> owned chains it gets a new jump to
+    exactly one jump of ours from its built-in chain: the first one found stays where it is; when there is
+    none, one goes at the top. A new chain goes among the user chains in name order, as iptables puts it."""
+    drop, add_jump = _jump_changes(table, owned)
+    pieces, first_piece = _pieces(table, owned, drop, add_jump)
+    laid = _lay_out(table, owned, pieces)
+    return _relink(table, owned, pieces, first_piece, laid)
+
+
+def _jump_changes(table: Table, owned: Owned) -> tuple[set[int], dict[str, list[str]]]:
+    """The old jump entries that go, and for each built-in chain the owned chains it gets a new jump to."""
+    drop: set[int] = set()
+    add_jump: dict[str, list[str]] = {}
     for name, (base, rules) in owned.items():
         if base is not None and (table.by_name.get(base) is None or table.by_name[base].hook is None):
             raise TableError(f"{table.name}: no built-in chain {base} for {name}")
@@ -347,18 +357,35 @@ def splice(table: Table, owned: Mapping[str, tuple[str | None, list[bytes] | Non
         drop.update(found if rules is None else found[1:])
         if base is not None and rules is not None and not found:
             add_jump.setdefault(base, []).append(name)
+    return drop, add_jump
 
-    # The new table as pieces: ("copy", start, stop) keeps old entries; ("entry", bytes, 1) is a new head or
-    # RETURN; ("rules", bytes, count, chain) the rules of an owned chain; ("jump", bytes, 1, chain) a new jump.
-    pieces: list[tuple[str, int, int] | tuple[str, bytes, int] | tuple[str, bytes, int, str]] = []
-    first_piece: dict[str, int] = {}  # built-in chain -> its first piece
+
+class _Piece(NamedTuple):
+    """A run of the new table: "copy" keeps the old entries [start, stop); "entry" is a new chain head or
+    RETURN; "rules" the rules of owned chain `chain`; "jump" a new jump to `chain` (its verdict is set once
+    the chains' new places are known)."""
+
+    kind: str
+    data: bytes = b""
+    entries: int = 1
+    chain: str = ""
+    start: int = 0
+    stop: int = 0
+
+
+def _pieces(table: Table, owned: Owned, drop: set[int],
+            add_jump: dict[str, list[str]]) -> tuple[list[_Piece], dict[str, int]]:
+    """The new table in table order, and the first piece of each built-in chain."""
+    lay = table.lay
+    pieces: list[_Piece] = []
+    first_piece: dict[str, int] = {}
 
     def emit_owned(name: str) -> None:
         rules = owned[name][1]
         assert rules is not None
-        pieces.append(("entry", lay.error(name), 1))
-        pieces.append(("rules", b"".join(rules), len(rules), name))
-        pieces.append(("entry", lay.standard(RETURN), 1))
+        pieces.append(_Piece("entry", lay.error(name)))
+        pieces.append(_Piece("rules", b"".join(rules), len(rules), name))
+        pieces.append(_Piece("entry", lay.standard(RETURN)))
 
     pending = sorted(n for n, (_, r) in owned.items() if r is not None and n not in table.by_name)
     for chain in table.chains:
@@ -372,19 +399,34 @@ def splice(table: Table, owned: Mapping[str, tuple[str | None, list[bytes] | Non
         else:
             first_piece[chain.name] = len(pieces)
             for target in add_jump.get(chain.name, ()):
-                pieces.append(("jump", lay.standard(0), 1, target))
+                pieces.append(_Piece("jump", lay.standard(0), chain=target))
         pos = chain.start
         for o in sorted(o for o in drop if chain.start <= o < chain.stop):
             if pos < o:
-                pieces.append(("copy", pos, o))
+                pieces.append(_Piece("copy", start=pos, stop=o))
             pos = o + U16x2.unpack_from(table.blob, o + lay.offsets_at)[1]
-        pieces.append(("copy", pos, chain.stop))  # never empty: the policy or RETURN is not dropped
+        pieces.append(_Piece("copy", start=pos, stop=chain.stop))  # never empty: the policy or RETURN stays
     while pending:
         emit_owned(pending.pop(0))
-    pieces.append(("copy", table.offs[-1], len(table.blob)))  # the table's closing ERROR entry
+    pieces.append(_Piece("copy", start=table.offs[-1], stop=len(table.blob)))  # the table's closing ERROR
+    return pieces, first_piece
 
-    # Lay them out: where each old entry went, where each owned chain's rules start.
-    moved: list[tuple[int, int, int]] = []  # (old start, old stop, new start), ascending
+
+class _Laid(NamedTuple):
+    """The pieces laid out: the bytes, where each piece and entry starts, where old entries went, where each
+    owned chain's rules start, and the runs of entries that keep their counters."""
+
+    blob: bytearray
+    entries: int
+    piece_at: list[int]
+    offs: list[int]
+    moved: list[tuple[int, int, int]]  # (old start, old stop, new start), ascending
+    bodies: dict[str, int]
+    runs: list[tuple[int, int, int]]  # (new entry number, old entry number, count)
+
+
+def _lay_out(table: Table, owned: Owned, pieces: list[_Piece]) -> _Laid:
+    moved: list[tuple[int, int, int]] = []
     piece_at: list[int] = []
     bodies: dict[str, int] = {}
     runs: list[tuple[int, int, int]] = []
@@ -393,9 +435,8 @@ def splice(table: Table, owned: Mapping[str, tuple[str | None, list[bytes] | Non
     offset = count = 0
     for piece in pieces:
         piece_at.append(offset)
-        if piece[0] == "copy":
-            a, b = piece[1], piece[2]
-            assert isinstance(a, int)
+        if piece.kind == "copy":
+            a, b = piece.start, piece.stop
             first = table.index[a]
             n = table.index.get(b, len(table.offs)) - first
             moved.append((a, b, offset))
@@ -405,28 +446,31 @@ def splice(table: Table, owned: Mapping[str, tuple[str | None, list[bytes] | Non
             offs += [o + shift for o in table.offs[first:first + n]]
             offset, count = offset + b - a, count + n
             continue
-        data, n = piece[1], piece[2]
-        assert isinstance(data, bytes)
-        if piece[0] != "rules":
+        if piece.kind != "rules":
             offs.append(offset)
         else:
+            rules = owned[piece.chain][1] or []
             at = offset
-            for rule in owned[piece[3]][1] or ():  # type: ignore[misc]
+            for rule in rules:
                 offs.append(at)
                 at += len(rule)
-            name = piece[3]  # type: ignore[misc]
-            bodies[name] = offset
-            old = table.by_name.get(name)
+            bodies[piece.chain] = offset
+            old = table.by_name.get(piece.chain)
             if old is not None:  # a rewritten chain: the rules that stay keep their counters
                 index: dict[bytes, list[int]] = {}
                 for k, rule in enumerate(table.entries(old), start=table.index[old.body]):
                     index.setdefault(rule, []).append(k)
-                for k, rule in enumerate(owned[name][1] or ()):
+                for k, rule in enumerate(rules):
                     if index.get(rule):
                         runs.append((count + k, index[rule].pop(0), 1))
-        parts.append(data)
-        offset, count = offset + len(data), count + n
-    blob = bytearray(b"".join(parts))
+        parts.append(piece.data)
+        offset, count = offset + len(piece.data), count + piece.entries
+    return _Laid(bytearray(b"".join(parts)), count, piece_at, offs, moved, bodies, runs)
+
+
+def _relink(table: Table, owned: Owned, pieces: list[_Piece], first_piece: dict[str, int], laid: _Laid) -> Spliced:
+    """Point every kept jump, every new jump and every hook at where its target is now."""
+    lay, moved, blob = table.lay, laid.moved, laid.blob
     starts = [m[0] for m in moved]
 
     def relocate(v: int) -> int:
@@ -436,7 +480,7 @@ def splice(table: Table, owned: Mapping[str, tuple[str | None, list[bytes] | Non
             if old is not None and v == old.body:
                 if rules is None:
                     raise TableError(f"{table.name}: a rule still jumps to {name}")
-                return bodies[name]
+                return laid.bodies[name]
         k = bisect_right(starts, v) - 1
         if k >= 0 and v < moved[k][1]:
             return v - moved[k][0] + moved[k][2]
@@ -452,112 +496,11 @@ def splice(table: Table, owned: Mapping[str, tuple[str | None, list[bytes] | Non
             if new != v:
                 I32.pack_into(blob, pos - moved[k][0] + moved[k][2], new)
     for k, piece in enumerate(pieces):
-        if piece[0] == "jump":
-            I32.pack_into(blob, piece_at[k] + lay.size + HDR, bodies[piece[3]])  # type: ignore[misc]
+        if piece.kind == "jump":
+            I32.pack_into(blob, laid.piece_at[k] + lay.size + HDR, laid.bodies[piece.chain])
     hook_entry, underflow = list(table.hook_entry), list(table.underflow)
     for chain in table.chains:
         if chain.hook is not None:
-            hook_entry[chain.hook] = piece_at[first_piece[chain.name]]
+            hook_entry[chain.hook] = laid.piece_at[first_piece[chain.name]]
             underflow[chain.hook] = relocate(chain.end)
-    return Spliced(bytes(blob), count, hook_entry, underflow, runs, offs)
-
-
-# ---- the kernel --------------------------------------------------------------------------------------
-
-
-libc = ctypes.CDLL(None, use_errno=True)
-libc.getsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint)]
-libc.setsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint]
-
-
-class Kernel:
-    """The ip_tables or ip6_tables socket options of this network namespace, through one raw socket."""
-
-    def __init__(self, fam: int) -> None:
-        self.lay = LAYOUT[fam]
-        self._sock: socket.socket | None = None
-        self._buffers: dict[str, ctypes.Array[ctypes.c_char]] = {}
-
-    def close(self) -> None:
-        """Close the raw socket and drop the read buffers (a table of 10,000 rules is about 3 MB)."""
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        self._buffers.clear()
-
-    def _fd(self) -> int:
-        if self._sock is None:
-            why = unvouched()
-            if why:
-                raise TableError(why)
-            try:
-                self._sock = socket.socket(self.lay.af, socket.SOCK_RAW, socket.IPPROTO_RAW)
-            except OSError as exc:
-                raise TableError(f"cannot open a raw socket: {os.strerror(exc.errno or 0)}", exc.errno or 0) from None
-        return self._sock.fileno()
-
-    def _get(self, opt: int, buf: ctypes.Array[ctypes.c_char], what: str) -> None:
-        size = ctypes.c_uint(len(buf))
-        if libc.getsockopt(self._fd(), self.lay.level, opt, buf, ctypes.byref(size)) != 0:
-            err = ctypes.get_errno()
-            raise TableError(f"{what}: {os.strerror(err)}", err)
-
-    def info(self, table: str) -> tuple[int, ...]:
-        """valid_hooks, hook_entry[5], underflow[5], num_entries, size. This instantiates the table in
-        this network namespace when it was not yet (and fails when its module is missing)."""
-        buf = ctypes.create_string_buffer(GETINFO.pack(table.encode(), 0, *[0] * 10, 0, 0), GETINFO.size)
-        self._get(SO_GET_INFO, buf, f"table {table}")
-        return GETINFO.unpack(buf.raw)[1:]
-
-    def read(self, table: str) -> Table:
-        return Table(self.lay, table, *self.read_raw(table))
-
-    def read_raw(self, table: str) -> tuple[tuple[int, ...], bytes]:
-        """(valid_hooks, hook_entry[5], underflow[5], num_entries) and the entries as the kernel gives them."""
-        refused = 0
-        for _ in range(5):  # the table may change size between the two calls
-            info = self.info(table)
-            size = info[-1]
-            buf = self._buffers.get(table)
-            if buf is None or len(buf) != GET_ENTRIES.size + size:
-                # Kept for the next read of the same size: a fresh 4 MB buffer costs its page faults each time.
-                buf = self._buffers[table] = ctypes.create_string_buffer(GET_ENTRIES.size + size)
-            GET_ENTRIES.pack_into(buf, 0, table.encode(), size)
-            try:
-                self._get(SO_GET_ENTRIES, buf, f"table {table}")
-            except TableError as exc:
-                if exc.errno == 11 or exc.errno == 22:  # EAGAIN, EINVAL: replaced meanwhile
-                    refused += exc.errno == 22
-                    continue
-                raise
-            return info[:-1], ctypes.string_at(ctypes.addressof(buf) + GET_ENTRIES.size, size)
-        if refused == 5:  # the size it gave us, refused each time: not a table that moves
-            raise TableError(f"table {table}: the kernel refused every read (EINVAL): it expects another layout "
-                             "(a 32-bit program on a 64-bit kernel without CONFIG_NETFILTER_XTABLES_COMPAT?)", 22)
-        raise TableError(f"table {table}: changing too fast to be read")
-
-    def replace(self, table: Table, blob: bytes, entries: int, hook_entry: Iterable[int],
-                underflow: Iterable[int]) -> bytes:
-        """Install `blob` in place of `table`; returns the old table's counters (EAGAIN when it changed)."""
-        old = ctypes.create_string_buffer(max(1, table.num_entries * COUNTER))
-        head = REPLACE.pack(table.name.encode(), table.valid_hooks, entries, len(blob), *hook_entry, *underflow,
-                            table.num_entries, ctypes.addressof(old))
-        data = ctypes.create_string_buffer(head + blob, len(head) + len(blob))
-        if libc.setsockopt(self._fd(), self.lay.level, SO_SET_REPLACE, data, len(data)) != 0:
-            err = ctypes.get_errno()
-            raise TableError(f"table {table.name}: {os.strerror(err)}", err)
-        return old.raw[:table.num_entries * COUNTER]
-
-    def target_revision(self, name: str, revisions: Iterable[int]) -> int | None:
-        """The first of `revisions` of target `name` this kernel has (None: none, or the module is missing)."""
-        for revision in revisions:
-            buf = ctypes.create_string_buffer(struct.pack("=29sB", name.encode(), revision), 30)
-            size = ctypes.c_uint(len(buf))
-            opt = self.lay.so_get_revision_target
-            if libc.getsockopt(self._fd(), self.lay.level, opt, buf, ctypes.byref(size)) >= 0:
-                return revision
-        return None
-
-    def add_counters(self, table: str, counters: bytes) -> None:
-        data = ctypes.create_string_buffer(COUNTERS_INFO.pack(table.encode(), len(counters) // COUNTER) + counters)
-        libc.setsockopt(self._fd(), self.lay.level, SO_SET_ADD_COUNTERS, data, len(data) - 1)
+    return Spliced(bytes(blob), laid.entries, hook_entry, underflow, laid.runs, laid.offs)
