@@ -172,7 +172,8 @@ class Boot:
         if s.userspace:
             return env
         try:
-            self.detection = detect(os.environ, fake=s.fake_netfilter, fake_ipv6=s.fake_netfilter_6)
+            self.detection = detect(s.firewall_mode, os.environ.get("CONTAINERBOOT_NFT") or None, fake=s.fake_netfilter,
+                                    fake_ipv6=s.fake_netfilter_6)
         except DetectionError as exc:
             if s.is_l3_proxy:
                 raise Exit(1, f"error creating new netfilter runner: {exc}") from exc

@@ -23,7 +23,8 @@ def _detection(settings: Settings) -> Detection:
     from firewall.detect import DetectionError, detect
 
     try:
-        return detect(os.environ, fake=settings.fake_netfilter, fake_ipv6=settings.fake_netfilter_6)
+        return detect(settings.firewall_mode, os.environ.get("CONTAINERBOOT_NFT") or None, fake=settings.fake_netfilter,
+                      fake_ipv6=settings.fake_netfilter_6)
     except DetectionError as exc:
         _fail(str(exc))
 

@@ -305,15 +305,16 @@ def iptables_version() -> str | None:
     return (out.stdout or out.stderr).strip()
 
 
-def detect(env: Mapping[str, str], probes: Probes | None = None, fake: bool = False,
+def detect(mode: str = "", nft_path: str | None = None, probes: Probes | None = None, fake: bool = False,
            fake_ipv6: bool = True) -> Detection:
-    mode = env.get("TS_DEBUG_FIREWALL_MODE", "").strip().lower()
+    """The backend for `mode` (Settings.firewall_mode: TS_DEBUG_FIREWALL_MODE as validated, "" or "auto" to
+    detect); `nft_path` forces the libnftables path ("binding" or "cli")."""
     if fake:
         backend = mode if mode in BACKENDS else "iptables"
         return Detection(backend, ("TS_TEST_FAKE_NETFILTER=true: in-memory fake driver, nothing probed",),
                          (4, 6) if fake_ipv6 else (4,), fake=True)
     own = probes is None
-    gather = probes or Probes(nft_path=env.get("CONTAINERBOOT_NFT") or None)
+    gather = probes or Probes(nft_path=nft_path)
     facts = Facts(override=mode)
     try:
         while not isinstance(step := decide(facts), Detection):

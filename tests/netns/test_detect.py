@@ -103,7 +103,7 @@ PROBE_SCRIPT = textwrap.dedent("""
 
     probes = Probes(probe={sys.argv[1]: broken})
     try:
-        print(json.dumps(detect(os.environ, probes).to_json()))
+        print(json.dumps(detect(os.environ.get("TS_DEBUG_FIREWALL_MODE", ""), probes=probes).to_json()))
     except DetectionError as exc:
         print("error:", exc)
 """)
@@ -179,7 +179,7 @@ def test_a_platform_the_legacy_writer_cannot_vouch_for_moves_to_nftables(lab: La
         if sys.argv[1] == "big":
             xtables.ABI = ("big", 4, 8)
         from firewall.detect import detect
-        d = detect({})
+        d = detect()
         print(json.dumps({"backend": d.backend, "evidence": list(d.evidence)}))
     """)
     env = {"PATH": f"{iptables_dir(tmp_path, 'legacy')}:/usr/sbin:/usr/bin:/sbin:/bin"}
