@@ -16,11 +16,12 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sized
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from containerboot import health, log, proxy, rules, system
 from containerboot.dns import ResolveError, lookup_bounded
+from containerboot.events import BusError, ConfigChanged, Event, Notify, ServicesChanged, Signal, TailscaledExit
 from containerboot.kube import client as kube
 from containerboot.kube import configdir, secret
 from containerboot.proxygroup import egress, ingress
@@ -52,16 +53,6 @@ class Exit(Exception):
     def __init__(self, code: int, message: str = "") -> None:
         super().__init__(message)
         self.code = code
-
-
-@dataclass
-class Event:
-    """One thing for the main loop to handle, from a reader thread, a signal or a timer."""
-
-    kind: str  # notify | bus-error | tailscaled-exit | signal | config-changed | services-changed
-    value: Any = None
-    watch: int = 0
-    at: float = field(default_factory=time.monotonic)  # when it arrived, for the "our share" figure
 
 
 def _state_store(s: Settings) -> str:
@@ -234,7 +225,7 @@ class Boot:
                     "service account associated with this installation to create Secrets.")
         except kube.KubeError as exc:
             if self.stop_requested:
-                self.common(Event("signal", self.stop_requested))
+                self.common(Signal(self.stop_requested))
             text = str(exc)
             if exc.code and not text.startswith("getting Tailscale state Secret"):
                 text = f"getting Tailscale state Secret {s.kube_secret}: {text}"
@@ -378,9 +369,9 @@ class Boot:
                 raise Exit(1, "failed to get a reissued authkey: failed to receive new auth key: timeout waiting for "
                               "auth key reissue after 10m0s")
             ev = self.next_event(min(deadline, next_poll))
-            if ev is not None and ev.kind not in ("config-changed", "notify", "bus-error"):
+            if ev is not None and not isinstance(ev, ConfigChanged | Notify | BusError):
                 self.common(ev)
-            if ev is None or ev.kind != "config-changed":
+            if not isinstance(ev, ConfigChanged):
                 if time.monotonic() < next_poll:
                     continue
                 next_poll = time.monotonic() + REISSUE_POLL
@@ -406,7 +397,7 @@ class Boot:
             return
         self.config_bytes = configdir.read_bytes(self.s.config_file)
         self.config_watch = configdir.DirWatch(os.path.dirname(self.s.config_file),
-                                               lambda: self.events.put(Event("config-changed")),
+                                               lambda: self.events.put(ConfigChanged()),
                                                use_inotify=not os.environ.get("TS_TEST_NO_INOTIFY"))
         if self.config_watch.mode != "inotify":
             log.info("tailscaled config watch: failed to create fsnotify watcher, timer-only mode: "
@@ -435,7 +426,7 @@ class Boot:
         if self.shutting_down:
             self.ts_services.interrupt()  # a second signal: stop waiting for the Services' failover
         self.stop_requested = signum
-        self.events.put(Event("signal", signum))
+        self.events.put(Signal(signum))
         if self.blocking:
             # The main thread is inside a network call that may block for seconds (an API server that
             # accepts and never answers): raising here aborts the system call, so SIGTERM is honoured now.
@@ -463,7 +454,7 @@ class Boot:
         return bool(self.s.tailnet_target_fqdn or self.s.egress_proxies_config_path)
 
     def on_tailscaled_exit(self, code: int) -> None:
-        self.events.put(Event("tailscaled-exit", code))
+        self.events.put(TailscaledExit(code))
 
     def open_watch(self, mask: int) -> None:
         self.close_watch()
@@ -506,7 +497,7 @@ class Boot:
         if self.child and self.child.proc.poll() is None:
             time.sleep(0.2)  # tailscaled dying closes the stream first: report its exit instead
         if self.child and self.child.proc.poll() is not None:
-            self.common(Event("tailscaled-exit", self.child.proc.returncode))
+            self.common(TailscaledExit(self.child.proc.returncode))
         self.close_watch()
         log.info(f"IPN bus watch ended; reconnecting: {message}")
         if time.monotonic() - self.watch_opened >= 30:
@@ -538,9 +529,9 @@ class Boot:
         try:
             for notify in watch:
                 self.heard_from_tailscaled = True
-                self.events.put(Event("notify", notify, wid))
+                self.events.put(Notify(notify, wid))
         except LocalAPIError as exc:
-            self.events.put(Event("bus-error", str(exc), wid))
+            self.events.put(BusError(str(exc), wid))
 
     def close_watch(self) -> None:
         if self.watch is not None:
@@ -559,25 +550,25 @@ class Boot:
                 ev = self.events.get(timeout=wait)
             except queue.Empty:
                 return None
-            if ev.kind in ("notify", "bus-error") and ev.watch != self.watch_id:
+            if isinstance(ev, Notify | BusError) and ev.watch != self.watch_id:
                 continue
             return ev
 
     def common(self, ev: Event) -> None:
         """Events that end the program the same way in every phase."""
-        if ev.kind == "signal":
-            log.info(f"Received {signal.Signals(ev.value).name}, shutting down")
+        if isinstance(ev, Signal):
+            log.info(f"Received {signal.Signals(ev.signum).name}, shutting down")
             raise Exit(0)
-        if ev.kind == "tailscaled-exit":
-            code = ev.value
+        if isinstance(ev, TailscaledExit):
+            code = ev.code
             raise Exit(code if 0 < code < 256 else 128 - code if code < 0 else 1,
                        f"tailscaled exited unexpectedly ({tailscaled.exit_status(code)}); exiting so that the "
                        "container is restarted")
-        if ev.kind == "bus-error":
-            self.on_bus_error(str(ev.value))
-        if ev.kind == "config-changed" and self.started:
+        if isinstance(ev, BusError):
+            self.on_bus_error(ev.message)
+        if isinstance(ev, ConfigChanged) and self.started:
             self.on_config_changed()
-        if ev.kind == "services-changed" and self.services_on:
+        if isinstance(ev, ServicesChanged) and self.services_on:
             self.on_services_changed()
 
     # ---- phases ------------------------------------------------------------------------------------
@@ -594,10 +585,10 @@ class Boot:
                                              and self.child.proc.poll() is None,
                                              stop=lambda: bool(self.stop_requested))
         if self.stop_requested:
-            self.common(Event("signal", self.stop_requested))
+            self.common(Signal(self.stop_requested))
         if problem:
             if self.child.proc.poll() is not None:
-                self.common(Event("tailscaled-exit", self.child.proc.returncode))
+                self.common(TailscaledExit(self.child.proc.returncode))
             raise Exit(1, problem)
         try:
             self.servers = health.start(s, self.health, self.api, self.drain.answer if self.drain else None)
@@ -649,7 +640,7 @@ class Boot:
         problem = tailscaled.run_cli(tailscaled.up_argv(self.s), timeout=max(0.1, deadline - time.monotonic()),
                                      stop=lambda: bool(self.stop_requested))
         if self.stop_requested:
-            self.common(Event("signal", self.stop_requested))
+            self.common(Signal(self.stop_requested))
         if problem:
             raise Exit(1, f"failed to auth tailscale: tailscale up failed: {problem}")
 
@@ -662,7 +653,7 @@ class Boot:
             ev = self.next_event(deadline)
             if ev is None:
                 continue
-            if ev.kind != "notify":
+            if not isinstance(ev, Notify):
                 self.common(ev)
                 continue
             if ipn.is_netmap(ev.value):
@@ -699,7 +690,7 @@ class Boot:
             if ev is None:
                 self.tick()
                 continue
-            if ev.kind != "notify":
+            if not isinstance(ev, Notify):
                 self.common(ev)
                 continue
             state = ipn.state_of(ev.value)
@@ -838,7 +829,7 @@ class Boot:
             if not path:
                 continue
             log.info(f"configuring {what} proxy using configuration file at {path}")
-            watch = configdir.DirWatch(directory or ".", lambda: self.events.put(Event("services-changed")),
+            watch = configdir.DirWatch(directory or ".", lambda: self.events.put(ServicesChanged()),
                                        use_inotify=use_inotify)
             if watch.mode != "inotify":
                 log.info(f"{what} services config watch: failed to create fsnotify watcher, timer-only mode: "
