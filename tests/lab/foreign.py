@@ -92,6 +92,14 @@ class Target(Protocol):
         """Run containerboot with these arguments and environment in the namespace."""
 
 
+def put(files: Path, name: str, data: str) -> Path:
+    """A config file for the driver step, under `files`."""
+    path = files / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(data)
+    return path
+
+
 @dataclass
 class LocalTarget:
     """This checkout's containerboot, run in a namespace of the lab."""
@@ -101,10 +109,7 @@ class LocalTarget:
     files: Path
 
     def write(self, name: str, data: str) -> str:
-        path = self.files / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(data)
-        return str(path)
+        return str(put(self.files, name, data))
 
     def containerboot(self, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         return self.lab.run(self.ns, containerboot_exe(), *args, env={"PATH": os.environ["PATH"], **env},
@@ -124,9 +129,7 @@ class ContainerTarget:
     files: Path
 
     def write(self, name: str, data: str) -> str:
-        path = self.files / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(data)
+        put(self.files, name, data)
         return f"{MOUNT}/{name}"
 
     def containerboot(self, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
