@@ -479,19 +479,6 @@ def legacy_tables(fam: int) -> set[str]:
 T = TypeVar("T")
 
 
-# The calls the driver makes on a family's server (each family's server is asked the same thing).
-def revision_of(target: str, revisions: list[int]) -> Callable[[Server], int | None]:
-    return lambda server: server.revision(target, revisions)
-
-
-def write_of(tables: Tables) -> Callable[[Server], int]:
-    return lambda server: server.write(tables)
-
-
-def read_of(since: int) -> Callable[[Server], ReadBack]:
-    return lambda server: server.read(OWNED, since)
-
-
 class IptablesDriver:
     name = "iptables"
 
@@ -505,15 +492,15 @@ class IptablesDriver:
         self._together: tuple[tuple[Plan, ...], Plan] | None = None  # the families' plans, and their union
         self._dnat: dict[int, int] = {}
 
-    def _call(self, requests: dict[int, Callable[[Server], T]]) -> dict[int, T]:
-        """Each family's call on its server; every family is asked even when one fails (the first error is
-        raised)."""
+    def _call(self, fams: Iterable[int], request: Callable[[int, Server], T]) -> dict[int, T]:
+        """`request(fam, server)` for each family; every family is asked even when one fails (the first error
+        is raised)."""
         results: dict[int, T] = {}
         error: BaseException | None = None
-        for fam, request in requests.items():
+        for fam in fams:
             try:
                 with kernel_errors():
-                    results[fam] = request(self.servers[fam])
+                    results[fam] = request(fam, self.servers[fam])
             except BaseException as exc:  # what the kernel holds is unknown now: read it whole next time
                 self._known.pop(fam, None)
                 error = error or exc
@@ -523,25 +510,28 @@ class IptablesDriver:
 
     def _dnat_revisions(self, fams: Iterable[int]) -> dict[int, int]:
         """The DNAT revision each family's rules are written in, asked of the kernel once."""
-        ask = {fam: revision_of("DNAT", DNAT_REVISIONS[fam]) for fam in fams if fam not in self._dnat}
+        ask = [fam for fam in fams if fam not in self._dnat]
         if ask:
-            for fam, rev in self._call(ask).items():
+            for fam, rev in self._call(ask, lambda fam, server: server.revision("DNAT", DNAT_REVISIONS[fam])).items():
                 self._dnat[fam] = DNAT_REVISIONS[fam][0] if rev is None else rev
         return self._dnat
 
     def _write(self, plan: Plan | None) -> None:
-        requests: dict[int, Callable[[Server], int]] = {}
+        tables: dict[int, Tables] = {}
         dnat = self._dnat_revisions(f for f in self.families if plan is not None and plan.only(f).rules)
         for fam in self.families:
             want = chain_entries(plan, fam, dnat[fam]) if plan is not None and plan.only(fam).rules else None
-            tables: Tables = {table: {chain: (base, want[chain] if want else None) for chain, base in owned.items()}
-                              for table, owned in OWNED.items()}
-            requests[fam] = write_of(tables)
+            tables[fam] = {table: {chain: (base, want[chain] if want else None) for chain, base in owned.items()}
+                           for table, owned in OWNED.items()}
+
+        def write(fam: int, server: Server) -> int:
+            return server.write(tables[fam])
+
         if plan is None and not any(xtables.tables(fam) for fam in self.families):
-            replies = self._call(requests)  # nothing to remove, and nothing is created: no lock needed
+            replies = self._call(self.families, write)  # nothing to remove, and nothing is created: no lock needed
         else:
             with xtables_lock(self.lock_wait):
-                replies = self._call(requests)
+                replies = self._call(self.families, write)
         for fam, version in replies.items():
             self._known[fam] = (version, plan.only(fam) if plan is not None else Plan())
         self._together = (tuple(self._known[fam][1] for fam in self.families), plan or Plan())
@@ -560,9 +550,11 @@ class IptablesDriver:
     def installed(self) -> Plan:
         """What the owned chains hold. Each server compares its tables with what it last reported (a read
         and a comparison: no parse) and only says "same" when nothing changed."""
-        requests = {fam: read_of(self._known.get(fam, (-1, Plan()))[0]) for fam in self.families}
+        def read(fam: int, server: Server) -> ReadBack:
+            return server.read(OWNED, self._known.get(fam, (-1, Plan()))[0])
+
         plans = []
-        for fam, reply in self._call(requests).items():
+        for fam, reply in self._call(self.families, read).items():
             if not reply.same:
                 found = Plan.read_back(read_back(fam, reply.chains))
                 before = self._known.get(fam)
@@ -579,13 +571,13 @@ class IptablesDriver:
     def probe(self, fam: int) -> None:
         """Create and delete an owned chain in `nat`: fails without ip_tables NAT or without the rights."""
         with xtables_lock(self.lock_wait):
-            self._call({fam: lambda server: server.probe(PROBE)})
+            self._call([fam], lambda _, server: server.probe(PROBE))
 
     def census(self) -> list[tuple[int, str, str, int]]:
         """(family, table, chain, rules) for every chain not ours in the legacy tables that exist."""
         skip = [*CHAINS, PROBE]
-        requests = {fam: (lambda server: server.census(skip)) for fam in self.families if xtables.tables(fam)}
-        return [(fam, *row) for fam, rows in self._call(requests).items() for row in rows]
+        found = self._call([f for f in self.families if xtables.tables(f)], lambda _, server: server.census(skip))
+        return [(fam, *row) for fam, rows in found.items() for row in rows]
 
     def close(self) -> None:
         for server in self.servers.values():

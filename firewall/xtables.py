@@ -280,9 +280,8 @@ class Table:
     def our_jumps(self, chain: Chain, base: Chain) -> list[int]:
         """The entries of `base` that are exactly the jump `splice` installs to `chain` (unconditional, no
         match, counters aside): any other rule that jumps there is someone else's."""
-        ours = self.lay.standard(chain.body)
-        return [o for o in self.jumps_to(chain, base) if self.blob[o:o + len(ours)] == ours
-                and U16x2.unpack_from(self.blob, o + self.lay.offsets_at)[1] == len(ours)]
+        ours = self.lay.standard(chain.body)  # its offsets too: an entry with more after it is not ours
+        return [o for o in self.jumps_to(chain, base) if self.blob[o:o + len(ours)] == ours]
 
     def jumps_described(self, offsets: Iterable[int]) -> str:
         """Where the entries at `offsets` are, for an error: "OUTPUT rule 2, PREROUTING rule 1"."""
