@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from containerboot import health, log, proxy, rules, system
+from containerboot import health, log, proxy, rules, startup, system
 from containerboot.dns import ResolveError, lookup_bounded
 from containerboot.events import BusError, ConfigChanged, Event, Notify, ServicesChanged, Signal, TailscaledExit
 from containerboot.kube import client as kube
@@ -154,7 +154,7 @@ class Boot:
 
     def prepare_firewall(self) -> dict[str, str]:
         """Detect the backend (kernel mode only) and return tailscaled's environment."""
-        from firewall.detect import DetectionError, detect, make_driver
+        from firewall.detect import DetectionError, make_driver
 
         env = tailscaled.child_env(os.environ)  # no secret variable reaches tailscaled
         s = self.s
@@ -163,8 +163,7 @@ class Boot:
         if s.userspace:
             return env
         try:
-            self.detection = detect(s.firewall_mode, os.environ.get("CONTAINERBOOT_NFT") or None, fake=s.fake_netfilter,
-                                    fake_ipv6=s.fake_netfilter_6)
+            self.detection = startup.detect_firewall(s)
         except DetectionError as exc:
             if s.is_l3_proxy:
                 raise Exit(1, f"error creating new netfilter runner: {exc}") from exc

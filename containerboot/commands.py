@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -20,11 +19,10 @@ if TYPE_CHECKING:
 
 
 def _detection(settings: Settings) -> Detection:
-    from firewall.detect import DetectionError, detect
+    from firewall.detect import DetectionError
 
     try:
-        return detect(settings.firewall_mode, os.environ.get("CONTAINERBOOT_NFT") or None, fake=settings.fake_netfilter,
-                      fake_ipv6=settings.fake_netfilter_6)
+        return startup.detect_firewall(settings)
     except DetectionError as exc:
         _fail(str(exc))
 
@@ -165,7 +163,7 @@ def flush() -> None:
     if settings.fake_netfilter:
         return
     try:
-        NftablesDriver(open_libnft(os.environ.get("CONTAINERBOOT_NFT") or None)[0]).flush()
+        NftablesDriver(open_libnft(startup.nft_path())[0]).flush()
     except (FirewallError, OSError, ImportError) as exc:
         log.info(f"nftables: nothing to flush ({exc})")
     if legacy_tables(4) or legacy_tables(6):

@@ -13,6 +13,7 @@ from containerboot import log
 
 if TYPE_CHECKING:
     from containerboot.settings import Settings
+    from firewall.detect import Detection
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -34,6 +35,18 @@ def settings_or_exit() -> Settings:
     for name in (*SECRETS, *FILE_VARIABLES):
         os.environ.pop(name, None)
     return settings
+
+
+def nft_path() -> str | None:
+    """CONTAINERBOOT_NFT: "binding" or "cli" forces that libnftables path (None: the binding when it imports)."""
+    return os.environ.get("CONTAINERBOOT_NFT") or None
+
+
+def detect_firewall(s: Settings) -> Detection:
+    """The netfilter backend for these settings, as the boot and the subcommands both detect it."""
+    from firewall.detect import detect
+
+    return detect(s.firewall_mode, nft_path(), fake=s.fake_netfilter, fake_ipv6=s.fake_netfilter_6)
 
 
 M_ARENA_MAX = -8  # glibc's malloc.h
