@@ -36,32 +36,11 @@ BASE=${BASE:-debian:bookworm-slim}
 host_arch=$(dpkg --print-architecture)
 export TAILSCALE_VERSION
 
-# The one table of this script's platform names, a row per platform upstream builds:
-#   platform: Docker's (OCI's) os/architecture[/variant], as given in PLATFORM and printed
-#   token:    the platform in one word: "{arch}" in BASE, the -<token> tag suffix, scripts/base-image.sh's tag
-#   deb:      Debian's architecture (dpkg --print-architecture): which row this machine is
-#   goarch, goarm: Go's GOARCH and GOARM (- for none) for scripts/build-go.sh --image
-#   pyarch:   the machine in pip's platform tag, linux_<pyarch> (uname -m of that platform)
-PLATFORMS='
-linux/amd64   amd64  amd64  amd64  -  x86_64
-linux/arm64   arm64  arm64  arm64  -  aarch64
-linux/arm/v7  armv7  armhf  arm    7  armv7l
-linux/386     386    i386   386    -  i686
-'
-# Other spellings Docker takes for the same platforms.
-canonical() {
-  case $1 in
-    linux/arm64/v8) echo linux/arm64 ;;
-    linux/arm) echo linux/arm/v7 ;;
-    linux/i386) echo linux/386 ;;
-    *) echo "$1" ;;
-  esac
-}
-# row FIELD VALUE: the row whose FIELD (1-based column) is VALUE, or nothing.
-row() { awk -v f="$1" -v v="$2" '$f == v { print; exit }' <<<"$PLATFORMS"; }
+# shellcheck source=scripts/platforms.sh
+. scripts/platforms.sh  # PLATFORMS, platform_row: the platforms' names in Docker, Debian, Go and pip
 
 if [ -z "${PLATFORM:-}" ]; then
-  PLATFORM=$(row 3 "$host_arch" | awk '{ print $1 }')
+  PLATFORM=$(platform_of_deb "$host_arch")
   [ -n "$PLATFORM" ] || { echo "no image platform for this machine's architecture $host_arch" >&2; exit 1; }
 fi
 IFS=, read -r -a repos <<<"$REPOS"
@@ -69,12 +48,11 @@ IFS=, read -r -a tags <<<"$TAGS"
 IFS=, read -r -a given <<<"$PLATFORM"
 platforms=()
 for p in "${given[@]}"; do
-  p=$(canonical "$p")
-  if [ -z "$(row 1 "$p")" ]; then
-    echo "unsupported platform: $p ($(awk 'NF { printf "%s%s", s, $1; s = ", " }' <<<"$PLATFORMS"))" >&2
+  if ! r=$(platform_row "$p"); then
+    echo "unsupported platform: $p ($(platform_names))" >&2
     exit 1
   fi
-  platforms+=("$p")
+  platforms+=("${r%% *}")
 done
 refs=()
 for repo in "${repos[@]}"; do
@@ -86,7 +64,7 @@ done
 scripts/install-deps.sh >/dev/null
 for p in "${platforms[@]}"; do
   # binfmt_misc handlers for the platforms this kernel does not run itself (qemu-binfmt.sh skips the others).
-  read -r _ _ deb _ <<<"$(row 1 "$p")"
+  read -r _ _ deb _ <<<"$(platform_row "$p")"
   [ "$deb" = "$host_arch" ] || scripts/qemu-binfmt.sh "$deb"
 done
 
@@ -105,7 +83,7 @@ mb() { awk -v b="$1" 'BEGIN { printf "%.1f MB", b / 1e6 }'; }
 build_one() {  # platform, then the references to tag
   local platform=$1 token deb goarch goarm pyarch bindir wheels base args=() ref started=$SECONDS
   shift
-  read -r _ token deb goarch goarm pyarch <<<"$(row 1 "$platform")"
+  read -r _ token deb _ goarch goarm pyarch <<<"$(platform_row "$platform")"
   local goenv=("GOARCH=$goarch")
   [ "$goarm" = - ] || goenv+=("GOARM=$goarm")
   bindir=$(env "${goenv[@]}" scripts/build-go.sh --image | head -n 1)
@@ -147,7 +125,7 @@ build_one() {  # platform, then the references to tag
 }
 
 # The tag suffix of each platform's image when there are several (one per platform, in PLATFORM's order).
-suffix() { row 1 "$1" | awk '{ print "-" $2 }'; }
+suffix() { platform_row "$1" | awk '{ print "-" $2 }'; }
 
 local_refs=()
 if [ ${#platforms[@]} -eq 1 ]; then

@@ -22,17 +22,15 @@ MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
 host_arch=$(dpkg --print-architecture)
 platform=${1:-linux/$host_arch}
-# The one mapping of this script. arch: the tag's token (build_docker.sh's "{arch}"), also naming the cached
-# tarball; deb: Debian's architecture (debootstrap --arch); oci: the image config's architecture
-# (docker-archive.py adds arm's variant v7 and arm64's v8 itself).
-case $platform in
-  linux/amd64) arch=amd64 deb=amd64 oci=amd64 ;;
-  linux/arm64 | linux/arm64/v8) arch=arm64 deb=arm64 oci=arm64 ;;
-  linux/arm/v7 | linux/arm) arch=armv7 deb=armhf oci=arm ;;
-  linux/386 | linux/i386) arch=386 deb=i386 oci=386 ;;
-  *) echo "base-image: unsupported platform $platform (linux/amd64, linux/arm64, linux/arm/v7, linux/386)" >&2
-     exit 1 ;;
-esac
+# shellcheck source=scripts/platforms.sh
+. scripts/platforms.sh
+# arch: the tag's token (build_docker.sh's "{arch}"), also naming the cached tarball; deb: Debian's
+# architecture (debootstrap --arch); oci: the image config's architecture.
+if ! row=$(platform_row "$platform"); then
+  echo "base-image: unsupported platform $platform ($(platform_names))" >&2
+  exit 1
+fi
+read -r _ arch deb oci _ <<<"$row"
 ref=$IMAGE
 [ "$deb" = "$host_arch" ] || ref=$IMAGE-$arch
 

@@ -14,16 +14,15 @@ cd "$(dirname "$0")/.."
 CACHE=${CONTAINERBOOT_CACHE:-/var/cache/containerboot}
 host_arch=$(dpkg --print-architecture)
 platform=${1:-linux/$host_arch}
+# shellcheck source=scripts/platforms.sh
+. scripts/platforms.sh
 # arch: build_docker.sh's token for the platform, naming the cache directory; deb: Debian's architecture,
 # to tell this machine's own (whose wheels pip builds here) from another.
-case $platform in
-  linux/amd64) arch=amd64 deb=amd64 ;;
-  linux/arm64 | linux/arm64/v8) arch=arm64 deb=arm64 ;;
-  linux/arm/v7 | linux/arm) arch=armv7 deb=armhf platform=linux/arm/v7 ;;
-  linux/386 | linux/i386) arch=386 deb=i386 platform=linux/386 ;;
-  *) echo "image-wheels: unsupported platform $platform (linux/amd64, linux/arm64, linux/arm/v7, linux/386)" >&2
-     exit 1 ;;
-esac
+if ! row=$(platform_row "$platform"); then
+  echo "image-wheels: unsupported platform $platform ($(platform_names))" >&2
+  exit 1
+fi
+read -r platform arch deb _ <<<"$row"
 deps=$(grep -E '^[A-Za-z0-9_.-]+==' requirements.txt)  # exact, with what they pull in (scripts/lock-deps.sh)
 key=$(printf '%s\n' "$deps" "$arch" cp311-bookworm | sha1sum | cut -c1-10)
 out=$CACHE/wheels/$arch-$key
