@@ -1,9 +1,10 @@
 """The image's platforms, as build_docker.sh names them, and what a container of each shows on this machine.
 
-build_docker.sh keeps one table of names per platform (its PLATFORMS); this is the tests' side of it, plus
-what can be checked from outside (the image config's architecture and variant) and from inside (uname -m,
-the size of a pointer). This machine is amd64 with IA32 emulation: linux/386 runs natively, the arm
-platforms under qemu-user (binfmt_misc, scripts/qemu-binfmt.sh), where no netfilter call works.
+scripts/platforms.sh keeps one table of names per platform, which the build scripts source; this is the
+tests' side of it, plus what can be checked from outside (the image config's architecture and variant) and
+from inside (uname -m, the size of a pointer). This machine is amd64 with IA32 emulation: linux/386 runs
+natively, the arm platforms under qemu-user (binfmt_misc, scripts/qemu-binfmt.sh), where no netfilter call
+works.
 """
 
 from __future__ import annotations
