@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from containerboot import log, startup
+from containerboot import log, startup, system
 from containerboot.settings import Settings, parse_host_ip, shown
 from containerboot.startup import _fail, settings_or_exit
 from firewall.model import FirewallError, IPAddress
@@ -22,7 +22,7 @@ def _detection(settings: Settings) -> Detection:
     from firewall.detect import DetectionError
 
     try:
-        return startup.detect_firewall(settings)
+        return system.detect_firewall(settings)
     except DetectionError as exc:
         _fail(str(exc))
 
@@ -163,7 +163,7 @@ def flush() -> None:
     if settings.fake_netfilter:
         return
     try:
-        NftablesDriver(open_libnft(startup.nft_path())[0]).flush()
+        NftablesDriver(open_libnft(system.nft_path())[0]).flush()
     except (FirewallError, OSError, ImportError) as exc:
         log.info(f"nftables: nothing to flush ({exc})")
     if legacy_tables(4) or legacy_tables(6):

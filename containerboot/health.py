@@ -36,7 +36,7 @@ from typing import Any
 from containerboot import log
 from containerboot.settings import Settings, parse_addr_port
 from containerboot.tailscale import http1
-from containerboot.tailscale.localapi import LocalAPI, LocalAPIError
+from containerboot.tailscale.localapi import LocalAPI, LocalAPIError, TailscaledAPI
 
 NO_IPS = b"node currently has no tailscale IPs\n"
 PRESHUTDOWN_PATH = "/internal-egress-services-preshutdown"  # kubetypes.EgessServicesPreshutdownEP
@@ -82,7 +82,7 @@ Preshutdown = Callable[[], tuple[int, bytes]]
 Handler = Callable[[http1.Request], bytes]
 
 
-def _handler(health: Health | None, metrics: LocalAPI | None, debug: str,
+def _handler(health: Health | None, metrics: TailscaledAPI | None, debug: str,
              preshutdown: Preshutdown | None = None) -> Handler:
     def handle(req: http1.Request) -> bytes:
         def send(status: int, body: bytes, headers: dict[str, str] | None = None) -> bytes:
@@ -519,7 +519,7 @@ class Server:
             log.warning(message)
 
 
-def serve(addr_port: str, health: Health | None, metrics: LocalAPI | None, debug: str,
+def serve(addr_port: str, health: Health | None, metrics: TailscaledAPI | None, debug: str,
           preshutdown: Preshutdown | None = None) -> Server:
     ip, port = parse_addr_port(addr_port)
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
@@ -533,7 +533,7 @@ def serve(addr_port: str, health: Health | None, metrics: LocalAPI | None, debug
                   name=f"http-{addr_port}", addr_port=addr_port)
 
 
-def start(s: Settings, health: Health, api: LocalAPI, preshutdown: Preshutdown | None = None) -> list[Server]:
+def start(s: Settings, health: Health, api: TailscaledAPI, preshutdown: Preshutdown | None = None) -> list[Server]:
     """Upstream's servers: the deprecated health-only one, then the local one (which also serves the egress
     services' pre-stop hook when TS_EGRESS_PROXIES_CONFIG_PATH is set)."""
     servers = []

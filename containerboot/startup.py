@@ -13,7 +13,6 @@ from containerboot import log
 
 if TYPE_CHECKING:
     from containerboot.settings import Settings
-    from firewall.detect import Detection
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -35,18 +34,6 @@ def settings_or_exit() -> Settings:
     for name in (*SECRETS, *FILE_VARIABLES):
         os.environ.pop(name, None)
     return settings
-
-
-def nft_path() -> str | None:
-    """CONTAINERBOOT_NFT: "binding" or "cli" forces that libnftables path (None: the binding when it imports)."""
-    return os.environ.get("CONTAINERBOOT_NFT") or None
-
-
-def detect_firewall(s: Settings) -> Detection:
-    """The netfilter backend for these settings, as the boot and the subcommands both detect it."""
-    from firewall.detect import detect
-
-    return detect(s.firewall_mode, nft_path(), fake=s.fake_netfilter, fake_ipv6=s.fake_netfilter_6)
 
 
 M_ARENA_MAX = -8  # glibc's malloc.h
@@ -99,6 +86,6 @@ def defer_inspect() -> None:
 def boot() -> NoReturn:
     tune_malloc()
     defer_inspect()
-    from containerboot import boot
+    from containerboot.boot import loop
 
-    sys.exit(boot.main(settings_or_exit()))
+    sys.exit(loop.main(settings_or_exit()))

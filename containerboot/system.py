@@ -6,7 +6,7 @@ import os
 import stat
 
 from containerboot.settings import Settings
-from firewall.detect import iptables_version, variant_of
+from firewall.detect import Detection, detect, iptables_version, variant_of
 from firewall.paths import which
 
 FORWARDING = {4: "proc/sys/net/ipv4/ip_forward", 6: "proc/sys/net/ipv6/conf/all/forwarding"}
@@ -104,3 +104,13 @@ def legacy_xtables_path(s: Settings) -> str | None:
             os.remove(link)
         os.symlink(target, link)
     return shim
+
+
+def nft_path() -> str | None:
+    """CONTAINERBOOT_NFT: "binding" or "cli" forces that libnftables path (None: the binding when it imports)."""
+    return os.environ.get("CONTAINERBOOT_NFT") or None
+
+
+def detect_firewall(s: Settings) -> Detection:
+    """The netfilter backend for these settings, as the boot and the subcommands both detect it."""
+    return detect(s.firewall_mode, nft_path(), fake=s.fake_netfilter, fake_ipv6=s.fake_netfilter_6)

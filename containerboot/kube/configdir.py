@@ -15,7 +15,10 @@ import struct
 import threading
 from collections.abc import Callable
 
+from containerboot import log
+from containerboot.events import ConfigChanged, Exit, Inbox
 from containerboot.settings import parse_hujson
+from containerboot.tailscale.localapi import LocalAPIError, TailscaledAPI
 
 KUBELET_DATA = "..data"
 POLL_SECONDS = 5.0
@@ -129,3 +132,47 @@ class DirWatch:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class Follower:
+    """The tailscaled config file followed once the boot is done: when its bytes change, tailscaled is
+    told to reload it (upstream's watchTailscaledConfigChanges). Also watched, before that, while a
+    refused auth key waits for the operator's new one."""
+
+    def __init__(self, path: str, api: TailscaledAPI, inbox: Inbox) -> None:
+        self.path = path
+        self.api = api
+        self.inbox = inbox
+        self.watch: DirWatch | None = None
+        self.seen: bytes | None = None
+
+    def start(self) -> None:
+        if self.watch is not None:
+            return
+        self.seen = read_bytes(self.path)
+        self.watch = DirWatch(os.path.dirname(self.path), lambda: self.inbox.put(ConfigChanged()),
+                              use_inotify=not os.environ.get("TS_TEST_NO_INOTIFY"))
+        if self.watch.mode != "inotify":
+            log.info("tailscaled config watch: failed to create fsnotify watcher, timer-only mode: "
+                     f"{self.watch.problem}")
+
+    def on_changed(self) -> None:
+        data = read_bytes(self.path)
+        if data is None:
+            raise Exit(1, f"error reading configfile: open {self.path}: no such file or directory")
+        if data == self.seen:
+            return  # the mount holds other files too: reload only when ours changed
+        self.seen = data
+        log.info("tailscaled config watch: ensuring that config is up to date")
+        try:
+            answer = self.api.json("POST", "/localapi/v0/reload-config")
+        except LocalAPIError as exc:
+            raise Exit(1, f"error reloading tailscaled config: {exc}") from exc
+        if isinstance(answer, dict) and answer.get("Err"):
+            raise Exit(1, f"error reloading tailscaled config: {answer['Err']}")
+        if isinstance(answer, dict) and answer.get("Reloaded"):
+            log.info("tailscaled config watch: config was reloaded")
+
+    def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
 
 from containerboot.kube.client import Client, KubeError
 from containerboot.settings import CAPABILITY_VERSION
@@ -88,6 +89,26 @@ def consistent(data: Mapping[str, bytes]) -> bool:
 # ---- the state Secret ---------------------------------------------------------------------------------
 
 
+class StateStore(Protocol):
+    """The state Secret as the boot reads and writes it (SecretStore; a fake in the loop's tests).
+    Failures are KubeError."""
+
+    name: str
+    can_patch: bool
+
+    def get(self, deadline: float | None = None) -> dict[str, bytes] | None:
+        """The Secret's data, or None when it does not exist."""
+        ...
+
+    def patch(self, data: Mapping[str, bytes | None]) -> None: ...
+
+    def delete_authkey(self) -> None: ...
+
+    def set_deadline(self, deadline: float | None) -> None:
+        """Bound every call by `deadline` (the boot's), or by each call's own timeout only (None)."""
+        ...
+
+
 class SecretStore:
     """The proxy's view of its state Secret: permission checks at start, then the keys it writes."""
 
@@ -150,6 +171,9 @@ class SecretStore:
 
     def patch(self, data: Mapping[str, bytes | None]) -> None:
         self.client.patch_secret(self.name, data)
+
+    def set_deadline(self, deadline: float | None) -> None:
+        self.client.deadline = deadline
 
     def delete_authkey(self) -> None:
         try:

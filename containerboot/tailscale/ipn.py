@@ -60,6 +60,31 @@ class Node:
         return self.cert_domains[0] if self.cert_domains else "no-https"
 
 
+LOGIN_STATE_WARNING = "login-state"  # health.LoginStateWarnable's code
+
+
+@dataclass(frozen=True)
+class Notification:
+    """One IPN bus notification as the boot reads it. `update` folds its netmap parts (`body`, the
+    decoded JSON object) into a Node; the loop reads the typed fields."""
+
+    body: Mapping[str, Any]
+    state: str | None  # the backend state it reports, if any
+    netmap: bool  # it carries status, self or peer changes
+    self_change: bool
+    err_message: str | None
+    login_warning: bool  # the health warning that says the auth key was refused
+
+
+def notification(notify: Mapping[str, Any]) -> Notification:
+    health = notify.get("Health")
+    warnings = health.get("Warnings") if isinstance(health, dict) else None
+    err = notify.get("ErrMessage")
+    return Notification(notify, state_of(notify), is_netmap(notify), bool(notify.get("SelfChange")),
+                        err if isinstance(err, str) else None,
+                        isinstance(warnings, dict) and LOGIN_STATE_WARNING in warnings)
+
+
 def state_of(notify: Mapping[str, Any]) -> str | None:
     """The backend state a notification reports, if any."""
     state = notify.get("State")
@@ -133,7 +158,7 @@ def update(node: Node, notify: Mapping[str, Any]) -> Node:
     return node
 
 
-def with_dns_config(node: Node, cfg: Any) -> Node:
+def with_dns_config(node: Node, cfg: object) -> Node:
     """The cert domains and extra records of /localapi/v0/dns-config (a tailcfg.DNSConfig)."""
     if not isinstance(cfg, Mapping):
         return node

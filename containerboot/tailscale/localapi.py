@@ -7,9 +7,9 @@ import contextlib
 import json
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, Protocol
 
 from containerboot.settings import CAPABILITY_VERSION
 from containerboot.tailscale import http1
@@ -23,6 +23,33 @@ Guard = Callable[[], AbstractContextManager[None]]
 
 class LocalAPIError(RuntimeError):
     pass
+
+
+class Watch(Protocol):
+    """An open IPN bus stream: iterating blocks for the next notification and raises LocalAPIError when
+    the stream fails; close() may be called from another thread and ends the iteration."""
+
+    def __iter__(self) -> Iterator[Mapping[str, object]]: ...
+
+    def close(self) -> None: ...
+
+
+class TailscaledAPI(Protocol):
+    """What the boot asks tailscaled (LocalAPI; a fake in the loop's tests). Failures are LocalAPIError."""
+
+    socket_path: str  # for the loops that hold connections of their own (cert share, advertisement)
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+                timeout: float | None = TIMEOUT) -> tuple[int, dict[str, str], bytes]:
+        """status, headers and body of one call, whatever the status."""
+        ...
+
+    def json(self, method: str, path: str, payload: object = None, headers: dict[str, str] | None = None,
+             timeout: float = TIMEOUT) -> object:
+        """The decoded answer of a 2xx response (None for an empty body)."""
+        ...
+
+    def watch(self, mask: int, timeout: float = WATCH_OPEN_TIMEOUT) -> Watch: ...
 
 
 def _open(path: str, timeout: float | None, method: str, target: str, headers: dict[str, str],
@@ -73,7 +100,7 @@ class LocalAPI:
             if sock is not None:
                 sock.close()
 
-    def json(self, method: str, path: str, payload: Any = None, headers: dict[str, str] | None = None,
+    def json(self, method: str, path: str, payload: object = None, headers: dict[str, str] | None = None,
              timeout: float = TIMEOUT) -> Any:
         body = None if payload is None else json.dumps(payload).encode()
         status, _, data = self.request(method, path, body, {"Content-Type": "application/json", **(headers or {})},

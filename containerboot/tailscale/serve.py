@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from containerboot import log
-from containerboot.tailscale.localapi import LocalAPI
+from containerboot.tailscale.localapi import TailscaledAPI
 
 NO_HTTPS_WARNING = (
     "serve proxy: this node is configured as a proxy that exposes an HTTPS endpoint to tailnet, (perhaps a "
@@ -42,7 +42,7 @@ def handler_count(cfg: Mapping[str, Any]) -> int:
 class ServeWatcher:
     """Re-reads the file when it or the cert domain changes; applies only what differs."""
 
-    def __init__(self, path: str, api: LocalAPI,
+    def __init__(self, path: str, api: TailscaledAPI,
                  on_change: Callable[[Mapping[str, Any]], None] | None = None) -> None:
         self.path = path
         self.api = api

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Protocol
 
 from containerboot.settings import FILE_VARIABLES, SECRETS, Settings
 from firewall.paths import which
@@ -262,6 +263,23 @@ def go_signal_name(signum: int) -> str:
     return text[:1].lower() + text[1:]
 
 
+class Child(Protocol):
+    """tailscaled as the boot holds it (Tailscaled; a fake in the loop's tests)."""
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def alive(self) -> bool: ...
+
+    def terminate(self, timeout: float) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout`; the exit status (negative: killed by that signal)."""
+        ...
+
+
+Launch = Callable[[list[str], Mapping[str, str], Callable[[int], None]], Child]  # argv, env, on_exit
+RunCLI = Callable[[list[str], float | None, Callable[[], bool]], str | None]  # argv, timeout, stop -> problem
+
+
 class Tailscaled:
     """The tailscaled child: started in its own process group, waited for by a thread of ours.
 
@@ -285,6 +303,9 @@ class Tailscaled:
     @property
     def returncode(self) -> int | None:
         return self.proc.returncode
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     def terminate(self, timeout: float) -> int | None:
         """SIGTERM, then SIGKILL after `timeout`; returns the exit status (negative: killed by signal)."""

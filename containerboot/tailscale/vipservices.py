@@ -25,7 +25,7 @@ from typing import Any
 from containerboot import log
 from containerboot.settings import CAPABILITY_VERSION, Settings
 from containerboot.tailscale import http1
-from containerboot.tailscale.localapi import HOST, LocalAPI, LocalAPIError
+from containerboot.tailscale.localapi import HOST, LocalAPIError, TailscaledAPI
 
 RETRY_SCHEDULE = (60.0, 600.0, 6000.0, 86400.0)  # Let's Encrypt's advice for retrying failed issuance
 RENEW_INTERVAL = 86400.0  # a fresh certificate is asked for again daily; tailscaled renews it when due
@@ -438,7 +438,7 @@ class Services:
     `on_netmap(self_changed)` per netmap, and at shutdown `unadvertise(deadline)` then `wait_failover(until)`.
     Nothing here blocks the caller except the shutdown calls, which are bounded by the deadline given."""
 
-    def __init__(self, s: Settings, api: LocalAPI, timing: Timing = Timing(),
+    def __init__(self, s: Settings, api: TailscaledAPI, timing: Timing = Timing(),
                  failover_wait: float = FAILOVER_WAIT) -> None:
         self.api = api
         self.mode = cert_share_mode(s)

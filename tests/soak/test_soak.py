@@ -309,17 +309,17 @@ class Soak:
 def sabotage(mode: str, d: Path) -> dict[str, str]:
     """A sitecustomize that breaks containerboot the way `mode` says (see the module docstring)."""
     body = {
-        "repair": "boot.Boot.check_drift = lambda self: None",
-        "fd": "def check(self, _orig=boot.Boot.check_drift):\n"
-              "    os.open('/dev/null', os.O_RDONLY)\n    _orig(self)\nboot.Boot.check_drift = check",
-        "thread": "def check(self, _orig=boot.Boot.check_drift):\n"
+        "repair": "keeper.RuleKeeper.check_drift = lambda self: None",
+        "fd": "def check(self, _orig=keeper.RuleKeeper.check_drift):\n"
+              "    os.open('/dev/null', os.O_RDONLY)\n    _orig(self)\nkeeper.RuleKeeper.check_drift = check",
+        "thread": "def check(self, _orig=keeper.RuleKeeper.check_drift):\n"
                   "    threading.Thread(target=time.sleep, args=(1e6,), daemon=True).start()\n    _orig(self)\n"
-                  "boot.Boot.check_drift = check",
-        "rss": "kept = []\ndef check(self, _orig=boot.Boot.check_drift):\n"
-               "    kept.append(os.urandom(256 << 10))\n    _orig(self)\nboot.Boot.check_drift = check",
+                  "keeper.RuleKeeper.check_drift = check",
+        "rss": "kept = []\ndef check(self, _orig=keeper.RuleKeeper.check_drift):\n"
+               "    kept.append(os.urandom(256 << 10))\n    _orig(self)\nkeeper.RuleKeeper.check_drift = check",
     }[mode]
     d.mkdir()
-    (d / "sitecustomize.py").write_text("import os, threading, time\nfrom containerboot import boot\n"
+    (d / "sitecustomize.py").write_text("import os, threading, time\nfrom containerboot.boot import keeper\n"
                                         + textwrap.dedent(body) + "\n")
     return {"PYTHONPATH": str(d)}
 

@@ -1,0 +1,465 @@
+"""The boot: start tailscaled, log the node in, then follow the IPN bus and keep the rules in step.
+
+Everything arrives as an event in one inbox (IPN notifications from the bus reader, tailscaled's exit
+from the thread that waits for it, signals, config watches) or as a one-second tick, and the main thread
+handles them one at a time, in three phases:
+
+1. start: tailscaled, its socket, the health endpoints, login (`tailscale up`, or nothing where a config
+   file logs in), then wait until the backend is Running; a config file whose key was refused asks the
+   operator for a new one and restarts;
+2. follow (`run`): each netmap is folded into the Node and reconciled (below); the tick retries what
+   waits (a busy netfilter lock, a status write), re-resolves the DNS backends and checks for drift;
+3. shutdown: stop advertising, let tailscaled finish its state, SIGTERM it, remove our rules, close the
+   endpoints.
+
+The ordering rules live in `on_netmap`: the device ID goes to the Secret before any rule, so that the
+operator can delete the device of a proxy whose rules keep failing; name and addresses only once the
+rules are live, because the operator publishes them as the Service's endpoint and trusts them to mean
+"traffic can flow". The collaborators (bus.py, keeper.py, targets.py, kube/state.py,
+proxygroup/services.py) each own one concern; this module decides when each is asked.
+"""
+
+from __future__ import annotations
+
+from containerboot import health, log, proxy, rules, system
+from containerboot.events import (
+    BusError,
+    Cancel,
+    Clock,
+    ConfigChanged,
+    Event,
+    Exit,
+    Inbox,
+    MonotonicClock,
+    Notify,
+    ServicesChanged,
+    Signal,
+    TailscaledExit,
+    stop_now,
+)
+from containerboot.kube import configdir
+from containerboot.kube import state as kube_state
+from containerboot.kube.secret import StateStore
+from containerboot.proxygroup.services import ProxyGroupServices
+from containerboot.settings import Settings
+from containerboot.tailscale import ipn, serve, tailscaled, vipservices
+from containerboot.tailscale.localapi import LocalAPI, LocalAPIError, TailscaledAPI
+from containerboot.tailscale.tailscaled import Child, Launch, RunCLI
+
+from .bus import BusSession
+from .keeper import RuleKeeper
+from .prepare import Firewall, prepare_firewall, prepare_host, summary
+from .targets import Targets
+
+SHUTDOWN_TIMEOUT = 25.0
+REISSUE_WAIT = 600.0  # how long a proxy whose key was refused waits for the operator's new one
+REISSUE_POLL = 5.0
+
+
+class Boot:
+    def __init__(self, s: Settings, api: TailscaledAPI, fw: Firewall, store: StateStore | None, cancel: Cancel,
+                 clock: Clock, deadline: float, launch: Launch = tailscaled.Tailscaled,
+                 cli: RunCLI = tailscaled.run_cli) -> None:
+        self.s = s
+        self.api = api
+        self.fw = fw
+        self.cancel = cancel
+        self.clock = clock
+        self.inbox = cancel.inbox
+        self.launch = launch
+        self.cli = cli
+        self.deadline = deadline  # the boot's: the set-up, tailscaled's start and the login share it
+        self.health = health.Health(s)
+        self.node = ipn.Node()
+        self.child: Child | None = None
+        self.servers: list[health.Server] = []
+        self.started = False
+        self.netmap_at = 0.0
+        self.notes: set[str] = set()
+        self.keeper = RuleKeeper(fw.driver, cancel, clock) if fw.driver is not None else None
+        self.state = kube_state.StateKeeper(s, store, cancel, clock)
+        self.bus = BusSession(api, self.inbox, cancel, clock, s.boot_timeout)
+        self.targets = Targets(s, cancel, clock, self.note)
+        self.services = ProxyGroupServices(s, self.state, self.inbox, cancel, clock)
+        self.vip = vipservices.Services(s, api)  # Tailscale Services: cert share loops, advertisement
+        self.serve = serve.ServeWatcher(s.serve_config, api, on_change=self.vip.on_serve_config) \
+            if s.serve_config else None
+        self.config = configdir.Follower(s.config_file, api, self.inbox) if s.config_file else None
+        self.config_authkey = configdir.authkey(s.config_file) if s.config_file else ""
+        cancel.on_repeat = self.vip.interrupt  # a second signal: stop waiting for the Services' failover
+
+    # ---- phase 1: start ------------------------------------------------------------------------------
+
+    def alive(self) -> bool:
+        return self.child is not None and self.child.alive()
+
+    def start(self) -> None:
+        s = self.s
+        log.info("Starting tailscaled")
+        if tailscaled.remove_stale_socket(s.socket):
+            log.info(f"removed the stale tailscaled socket {s.socket} (nothing listened on it)")
+        self.child = self.launch(tailscaled.tailscaled_argv(s), self.fw.env,
+                                 lambda code: self.inbox.put(TailscaledExit(code)))
+        log.info(f"Waiting for tailscaled socket at {s.socket}")
+        problem = tailscaled.wait_for_socket(s.socket, self.deadline, self.alive, stop=self.cancel.requested)
+        if self.cancel.requested():
+            stop_now(self.cancel.signum)
+        if problem:
+            if not self.child.alive():
+                self.dispatch(TailscaledExit(self.child.returncode or 0))
+            raise Exit(1, problem)
+        try:
+            self.servers = health.start(s, self.health, self.api,
+                                        self.services.drain.answer if self.services.drain else None)
+        except OSError as exc:
+            raise Exit(1, f"failed to listen on the health/metrics address: {exc}") from exc
+        if s.enable_forwarding_optimizations:
+            try:
+                self.api.json("POST", "/localapi/v0/set-udp-gro-forwarding")
+            except LocalAPIError as exc:
+                log.info(f"[unexpected] error enabling UDP GRO forwarding: {exc}")
+        self.bus.open(ipn.watch_mask(self.follows_peers(), first=True), self.deadline, self.alive)
+        warning = system.link_socket(s)
+        if warning:
+            log.warning(warning)
+        if not s.config_file and not s.auth_once:
+            self.bus.close()
+            self.login()
+            self.bus.open(ipn.watch_mask(self.follows_peers()), self.deadline, self.alive)
+        self.await_running()
+        self.bus.close()
+        self.after_login()
+
+    def follows_peers(self) -> bool:
+        """Whether rules depend on peers (upstream's condition for watching peer changes)."""
+        return bool(self.s.tailnet_target_fqdn or self.s.egress_proxies_config_path)
+
+    def login(self) -> None:
+        log.info("Running 'tailscale up'")
+        problem = self.cli(tailscaled.up_argv(self.s), max(0.1, self.deadline - self.clock.now()),
+                           self.cancel.requested)
+        if self.cancel.requested():
+            stop_now(self.cancel.signum)
+        if problem:
+            raise Exit(1, f"failed to auth tailscale: tailscale up failed: {problem}")
+
+    def await_running(self) -> None:
+        logged_in = False
+        while True:
+            if self.clock.now() >= self.deadline:
+                raise self.bus.deadline_exit()
+            ev = self.bus.next_event(self.deadline)
+            if ev is None:
+                continue
+            if not isinstance(ev, Notify):
+                self.dispatch(ev)
+                continue
+            note = ev.note
+            if note.netmap:
+                self.node = ipn.update(self.node, note.body)
+            if note.state == "Running":
+                return
+            if note.state == "NeedsLogin":
+                if self.s.config_file:
+                    if self.state.writable is not None:
+                        self.reissue("Auth key missing or invalid (NeedsLogin state), disconnecting from control and "
+                                     "requesting new key from operator")
+                    raise Exit(1, "invalid state: tailscaled daemon started with a config file, but tailscale is "
+                                  "not logged in: ensure you pass a valid auth key in the config file")
+                if self.s.auth_once and not logged_in:
+                    logged_in = True
+                    self.login()
+                    continue
+            if note.state == "NeedsMachineAuth":
+                log.info("machine authorization required, please visit the admin panel")
+            elif note.state:
+                log.info(f'tailscaled in state "{note.state}", waiting')
+            if note.login_warning and self.s.config_file and self.state.writable is not None:
+                # The config's key was refused (single-use and used, expired) and the node state is gone.
+                self.reissue("Auth key failed to authenticate (may be expired or single-use), disconnecting from "
+                             "control and requesting new key from operator")
+
+    def reissue(self, reason: str) -> None:
+        """The config file's key was refused: ask the operator for a new one and wait for it (10 min);
+        a new key ends the program with 0, so that the restarted container uses it."""
+        assert self.config is not None
+        log.info(reason)
+        try:
+            self.api.json("POST", "/localapi/v0/disconnect-control")
+        except LocalAPIError as exc:
+            raise Exit(1, f"failed to get a reissued authkey: error disconnecting from control: error disconnecting "
+                          f"control: {exc}") from exc
+        self.state.request_reissue(self.config_authkey)
+        self.config.start()
+        watch = self.config.watch
+        if watch is not None and watch.mode == "inotify":
+            log.info("auth key reissue: watching for config changes via fsnotify")
+        elif watch is not None:
+            log.info(f"auth key reissue: fsnotify unavailable, using polling: {watch.problem}")
+        log.info("Waiting for operator to provide new auth key (max wait: 10m0s)")
+        start = self.clock.now()
+        deadline = start + REISSUE_WAIT
+        next_poll = start + REISSUE_POLL
+        while True:
+            if self.clock.now() >= deadline:
+                raise Exit(1, "failed to get a reissued authkey: failed to receive new auth key: timeout waiting for "
+                              "auth key reissue after 10m0s")
+            ev = self.bus.next_event(min(deadline, next_poll))
+            if ev is not None and not isinstance(ev, ConfigChanged | Notify | BusError):
+                self.dispatch(ev)
+            if not isinstance(ev, ConfigChanged):
+                if self.clock.now() < next_poll:
+                    continue
+                next_poll = self.clock.now() + REISSUE_POLL
+            key = configdir.authkey(self.s.config_file)
+            if key and key != self.config_authkey:
+                waited = log.go_duration(round(self.clock.now() - start))
+                log.info(f"New auth key received from operator after {waited}")
+                self.state.clear_reissue()
+                raise Exit(0, "Successfully received new auth key, restarting to apply configuration")
+            if watch is None or watch.mode != "inotify":
+                log.info(f"Waiting for new auth key from operator ({log.go_duration(round(self.clock.now() - start))} "
+                         "elapsed)")
+
+    def after_login(self) -> None:
+        s = self.s
+        if s.auth_once and not s.config_file:
+            log.info("Running 'tailscale set'")
+            problem = self.cli(tailscaled.set_argv(s), 60, self.cancel.requested)
+            if problem:
+                raise Exit(1, f"failed to auth tailscale: tailscale set failed: {problem}")
+        if s.serve_config:
+            log.info("serve proxy: unsetting previous config")
+            try:
+                self.api.json("POST", "/localapi/v0/serve-config", {})
+            except LocalAPIError as exc:
+                raise Exit(1, f"failed to unset serve config: {exc}") from exc
+        if s.auth_once and not s.config_file:
+            self.state.delete_authkey()
+        self.bus.open(ipn.watch_mask(self.follows_peers()), self.deadline, self.alive)
+        if self.config is not None:
+            self.config.start()
+        self.vip.start()
+        self.state.steady()
+
+    # ---- phase 2: follow -----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        while True:
+            ev = self.bus.next_event()
+            if ev is None:
+                self.tick()
+            elif not isinstance(ev, Notify):
+                self.dispatch(ev)
+            elif ev.note.state and ev.note.state != "Running":
+                raise Exit(1, f'tailscaled left running state (now in state "{ev.note.state}"), exiting')
+            elif ev.note.netmap:
+                self.netmap_at = ev.at
+                self.node = ipn.update(self.node, ev.note.body)
+                if self.node.self_known:
+                    self.on_netmap(self_changed=ev.note.self_change)
+            elif ev.note.err_message is not None:
+                log.info(f"tailscaled IPN bus error: {ev.note.err_message}")
+
+    def dispatch(self, ev: Event) -> None:
+        """Events other than notifications, the same way in every phase."""
+        if isinstance(ev, Signal):
+            stop_now(ev.signum)
+        if isinstance(ev, TailscaledExit):
+            code = ev.code
+            raise Exit(code if 0 < code < 256 else 128 - code if code < 0 else 1,
+                       f"tailscaled exited unexpectedly ({tailscaled.exit_status(code)}); exiting so that the "
+                       "container is restarted")
+        if isinstance(ev, BusError):
+            if self.alive():
+                self.clock.sleep(0.2)  # tailscaled dying closes the stream first: report its exit instead
+            if self.child is not None and not self.child.alive():
+                self.dispatch(TailscaledExit(self.child.returncode or 0))
+            self.bus.dropped(ev.message)
+        if isinstance(ev, ConfigChanged) and self.started and self.config is not None:
+            self.config.on_changed()
+        if isinstance(ev, ServicesChanged) and self.services.reload() and self.node.addrs:
+            self.reconcile()
+
+    def on_netmap(self, self_changed: bool = False) -> None:
+        self.state.store_device_id(self.node)  # before any rule (see the module's docstring)
+        self.targets.resolve_egress(self.node)
+        if self_changed and (self.serve is not None or self.services.wants_dns_config()):
+            self.refresh_dns_config()
+        # Like upstream: an egress name that does not resolve yet means no rules and no device_fqdn for
+        # now (the next netmap tries again), but the startup check below still runs.
+        if not self.targets.egress_waiting:
+            self.targets.resolve_backends(force=self.keeper is None or self.keeper.applied is None)
+            if self.node.addrs:
+                self.reconcile()
+            if not self.pending:  # name and addresses say "traffic can flow": only once the rules are in
+                self.state.store_endpoints(self.node)
+            self.health.set(bool(self.node.addrs) and not self.pending)
+            if self.serve:
+                self.poll_serve()
+        self.vip.on_netmap(self_changed)
+        self.maybe_started()
+
+    @property
+    def pending(self) -> bool:
+        return self.keeper is not None and self.keeper.pending
+
+    def maybe_started(self) -> None:
+        if self.pending:
+            return  # upstream would still be inside the rule install
+        if not self.started and (not self.s.is_l3_proxy or self.state.published):
+            self.started = True
+            log.info("Startup complete, waiting for shutdown signal")
+            if self.services.start() and self.node.addrs:
+                self.reconcile()
+
+    def refresh_dns_config(self) -> None:
+        """After a SelfChange: the DNS config's cert domains and extra records (upstream asks the same)."""
+        try:
+            cfg = self.api.json("GET", "/localapi/v0/dns-config", timeout=5)
+        except (LocalAPIError, ValueError) as exc:
+            log.info(f"error refreshing DNS config from tailscaled: {exc}")
+            return
+        self.node = ipn.with_dns_config(self.node, cfg)
+
+    def poll_serve(self) -> None:
+        assert self.serve is not None
+        try:
+            updated = self.serve.poll(self.node.cert_domain)
+        except LocalAPIError as exc:
+            raise Exit(1, f"serve proxy: failed to apply serve config: {exc}") from exc
+        if updated:
+            self.state.store_https_endpoint(self.node.cert_domain)
+
+    def tick(self) -> None:
+        keeper = self.keeper
+        if keeper is not None and keeper.retry_due():
+            self.reconcile()
+            if not keeper.pending:
+                self.state.store_endpoints(self.node)
+                self.health.set(bool(self.node.addrs))
+                self.maybe_started()
+        if not self.started:
+            return
+        if self.serve:
+            self.poll_serve()
+        if self.services.poll_due() and self.services.reload() and self.node.addrs:
+            self.reconcile()
+        if self.services.retry_due() and not self.pending:
+            self.services.write_status()
+        if self.targets.dns_due() and self.targets.resolve_backends():
+            self.reconcile()
+        if keeper is not None and keeper.check_due():
+            keeper.check_drift()
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.add(text)
+            log.info(text)
+
+    def reconcile(self) -> None:
+        """Make the kernel's rules equal to the plan for the node as it is now, then write the services'
+        status (the operator trusts it to mean "rules are live")."""
+        keeper, detection = self.keeper, self.fw.detection
+        if keeper is None or detection is None:
+            return
+        s = self.s
+        egress_targets = proxy.egress_targets(s, self.targets.egress)
+        resolved, ingress_cfg, notes = self.services.inputs(self.node, detection.families)
+        inputs = rules.Inputs(proxy.Inputs(self.node.addrs, egress_targets, self.targets.backends), resolved,
+                              ingress_cfg)
+        try:
+            plan, more = rules.plan(s, inputs, detection.families)
+        except rules.ProxyError as exc:
+            raise Exit(1, str(exc)) from exc
+        for text in notes + more:
+            self.note(text)
+        if plan != keeper.applied:
+            if s.dest_ip or s.dest_dns_name:
+                log.info("Installing proxy rules")
+            for target in egress_targets:
+                log.info(f"Installing forwarding rules for destination {target}")
+            if s.allow_cluster_traffic_via_ingress and s.serve_config and s.pod_ip:
+                log.info(f"installing rules to forward traffic for {s.pod_ip} to node's tailnet IP")
+            if not keeper.apply(plan):
+                return
+            log.info(f"firewall: {len(plan.rules)} rules live in {detection.backend} for "
+                     f"{', '.join(map(str, self.node.addrs)) or 'no addresses'}",
+                     ms_after_netmap=round((self.clock.now() - self.netmap_at) * 1000, 2))
+        self.services.applied(resolved)
+
+    # ---- phase 3: shutdown ---------------------------------------------------------------------------
+
+    def shutdown(self, clean: bool) -> None:
+        self.cancel.shutdown()
+        self.services.close()  # first of all: a pre-stop drain in progress answers now
+        self.bus.close()
+        if self.config is not None:
+            self.config.close()
+        self.vip.stop()  # before the unadvertise below: no advertisement may land after it
+        if self.child is not None and self.child.alive():
+            deadline = self.clock.now() + SHUTDOWN_TIMEOUT
+            failover = 0.0
+            if clean and self.bus.heard:  # a tailscaled that never answered has nothing advertised
+                failover = self.vip.unadvertise(deadline)
+            # Stopping tailscaled between its login and its last state write would leave a Secret
+            # it cannot recover from; upstream waits for all-or-nothing state, and so do we (during
+            # the failover wait: both must be over before tailscaled stops).
+            self.state.wait_consistent(deadline)
+            self.vip.wait_failover(failover)
+            log.info("Sending SIGTERM to tailscaled")
+            self.child.terminate(max(1.0, deadline - self.clock.now()))
+        if clean and self.keeper is not None:
+            self.keeper.flush()
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
+            log.info(f"HTTP server at {server.addr_port} closed")
+
+    def boot(self) -> int:
+        """Start, follow until told to stop, shut down: the exit code."""
+        code = 0
+        try:
+            self.start()
+            self.run()
+        except Exit as exc:
+            code = ended(exc)
+        except Exception as exc:  # noqa: BLE001 - a bug must still stop tailscaled and say what happened
+            code = unexpected(exc)
+        self.shutdown(clean=code == 0)
+        return code
+
+
+def ended(exc: Exit) -> int:
+    if str(exc):
+        (log.error if exc.code else log.info)(str(exc))
+    return exc.code
+
+
+def unexpected(exc: Exception) -> int:
+    log.error(f"unexpected error: {type(exc).__name__}: {exc}")
+    return 1
+
+
+def main(s: Settings, clock: Clock | None = None) -> int:
+    """Set up (the Kubernetes state Secret beside the host's preparation and netfilter detection, all
+    bounded by TS_BOOT_TIMEOUT with tailscaled's start and the login), then boot."""
+    for text in s.notes:
+        log.info(text)
+    clock = clock or MonotonicClock()
+    cancel = Cancel(Inbox(clock))
+    api = LocalAPI(s.socket, guard=cancel.blocking)
+    try:
+        cancel.install()
+        deadline = clock.now() + s.boot_timeout
+        opening = kube_state.Opening(s, cancel, deadline, configdir.authkey(s.config_file) if s.config_file else "") \
+            if s.kube_secret else None
+        prepare_host(s)
+        fw = prepare_firewall(s)
+        log.info(summary(s, fw.detection))
+        store, s = opening.result() if opening is not None else (None, s)
+    except Exit as exc:
+        return ended(exc)
+    except Exception as exc:  # noqa: BLE001
+        return unexpected(exc)
+    return Boot(s, api, fw, store, cancel, clock, deadline).boot()
