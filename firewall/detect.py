@@ -26,7 +26,7 @@ from firewall.paths import which
 
 if TYPE_CHECKING:
     from firewall.iptables import IptablesDriver
-    from firewall.nftables import Libnft
+    from firewall.nftables_kernel import Libnft
 
 BACKENDS = ("iptables", "nftables")
 VARIANT = {"nftables": "nf_tables", "iptables": "legacy"}
@@ -215,7 +215,7 @@ class Probes:
 
     def libnft(self) -> Libnft:
         if self._libnft is None:
-            from firewall.nftables import open_libnft
+            from firewall.nftables_kernel import open_libnft
 
             self._libnft, self._libnft_why = open_libnft(self.nft_path)
         return self._libnft
@@ -332,7 +332,8 @@ def make_driver(detection: Detection, probes: Probes | None = None) -> Driver:
 
         return FakeDriver(detection.backend, detection.families)
     if detection.backend == "nftables":
-        from firewall.nftables import NftablesDriver, open_libnft
+        from firewall.nftables import NftablesDriver
+        from firewall.nftables_kernel import open_libnft
 
         lib = probes.libnft() if probes else open_libnft(detection.nft_path)[0]
         return NftablesDriver(lib, detection.families)
