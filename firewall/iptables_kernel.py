@@ -1,6 +1,6 @@
 """The kernel side of the iptables driver: one family's legacy xtables tables, read and committed with
-the kernel's own socket options (`Kernel`; the table format and the splice are firewall/xtables.py), in
-the driver's own process.
+the kernel's own socket options (`Kernel`; the table format and the splice are firewall/xtables.py, the
+structs' layout firewall/xtables_layout.py), in the driver's own process.
 
 Why in-process (it was one long-lived worker interpreter per family, spoken to over a pipe):
 - memory: each worker was a second interpreter, about 12 MB (20 MB holding 10,000 rules); bench_boot
@@ -27,18 +27,14 @@ from dataclasses import dataclass
 from firewall import xtables
 from firewall.errors import FirewallBusy, FirewallError
 from firewall.xtables import (
-    COUNTER,
-    COUNTERS_INFO,
-    GET_ENTRIES,
     GETINFO,
-    LAYOUT,
-    REPLACE,
     SO_GET_ENTRIES,
     SO_GET_INFO,
     SO_SET_ADD_COUNTERS,
     SO_SET_REPLACE,
     unvouched,
 )
+from firewall.xtables_layout import COUNTER, COUNTERS_INFO, GET_ENTRIES, LAYOUT, REPLACE, Layout
 
 # {table: {owned chain: (the built-in chain that jumps to it, or None; its rules, or None to remove it)}}
 Tables = Mapping[str, xtables.Owned]
@@ -167,7 +163,7 @@ class Seen:
     def __init__(self, info: tuple[int, ...], blob: bytes, offs: list[int], raw: bytes = b"") -> None:
         self.info, self.blob, self.offs, self.raw = info, blob, offs, raw
 
-    def same(self, lay: xtables.Layout, info: tuple[int, ...], raw: bytes) -> bool:
+    def same(self, lay: Layout, info: tuple[int, ...], raw: bytes) -> bool:
         if info != self.info or len(raw) != len(self.blob):
             return False
         if raw == self.raw:

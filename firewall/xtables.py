@@ -9,15 +9,13 @@ hook's entry offset and ends with its policy at the hook's underflow offset. A j
 target whose verdict is the byte offset of the rule it continues at.
 
 `splice` rewrites chosen chains of a table and leaves every other entry as it was, moving the jump
-offsets that point past a change. This module is the format, pure (ctypes only to learn this platform's
-struct layout); the socket options that read and replace a table are iptables_kernel.py's `Kernel`. No
-libxtables, and so no per-family limit on which extensions one process can build.
+offsets that point past a change. This module is the format, pure (the platform's struct layout, learnt
+from ctypes, is xtables_layout.py); the socket options that read and replace a table are
+iptables_kernel.py's `Kernel`. No libxtables, and so no per-family limit on which extensions one process can build.
 """
 
 from __future__ import annotations
 
-import ctypes
-import socket
 import struct
 import sys
 from bisect import bisect_right
@@ -25,82 +23,32 @@ from collections.abc import Iterable, Mapping
 from functools import cached_property
 from typing import NamedTuple
 
+# Imported "as" themselves: names callers (tests, and the image's layout checks) import from here, as before
+# the struct layout moved to a module of its own.
+from firewall.xtables_layout import COUNTER, POINTER, XT_ALIGN, Layout
+from firewall.xtables_layout import COUNTERS_INFO as COUNTERS_INFO
+from firewall.xtables_layout import GET_ENTRIES as GET_ENTRIES
+from firewall.xtables_layout import HDR as HDR
+from firewall.xtables_layout import I32 as I32
+from firewall.xtables_layout import LAYOUT as LAYOUT
+from firewall.xtables_layout import REPLACE as REPLACE
+from firewall.xtables_layout import align as align
+from firewall.xtables_layout import ext as ext
+
 NAMES_FILE = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
 HOOKS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
 SO_SET_REPLACE = SO_GET_INFO = 64  # IPT_BASE_CTL; IP6T_* share the numbers
 SO_SET_ADD_COUNTERS = SO_GET_ENTRIES = 65
 ACCEPT, RETURN = -2, -5  # standard verdicts: -NF_ACCEPT - 1, XT_RETURN
-HDR = 32  # struct xt_entry_match / xt_entry_target header: u16 size, char name[29], u8 revision
-I32, U16x2 = struct.Struct("=i"), struct.Struct("=HH")
+U16x2 = struct.Struct("=HH")
 GETINFO = struct.Struct("=32sI5I5III")  # struct ipt_getinfo: only u32s, the same everywhere
-COUNTER = 16  # struct xt_counters: u64 packets, u64 bytes
 
-
-# ---- the kernel's structs as this platform lays them out -------------------------------------------------
-# The kernel reads these with the calling program's ABI (a 32-bit program on a 64-bit kernel through its
-# compat layer), so sizes and offsets are taken from ctypes, which lays out C structs as this platform's C
-# compiler does: where a u64 is aligned (8 on x86_64, arm64 and 32-bit ARM EABI, 4 on i386) moves the
-# counters of ip6t_entry and the entries after the ipt_replace header, and the pointer in ipt_replace is 4 or
-# 8 bytes. Byte order is native throughout ("=" formats).
-
-C = ctypes
-
-
-class _XtAlign(C.Structure):  # struct _xt_align: XT_ALIGN rounds to the strictest alignment of these
-    _fields_ = [("u8", C.c_uint8), ("u16", C.c_uint16), ("u32", C.c_uint32), ("u64", C.c_uint64)]
-
-
-class _XtCounters(C.Structure):
-    _fields_ = [("pcnt", C.c_uint64), ("bcnt", C.c_uint64)]
-
-
-class _IptIp(C.Structure):  # struct ipt_ip
-    _fields_ = [("src", C.c_uint32), ("dst", C.c_uint32), ("smsk", C.c_uint32), ("dmsk", C.c_uint32),
-                ("iniface", C.c_char * 16), ("outiface", C.c_char * 16), ("iniface_mask", C.c_ubyte * 16),
-                ("outiface_mask", C.c_ubyte * 16), ("proto", C.c_uint16), ("flags", C.c_uint8),
-                ("invflags", C.c_uint8)]
-
-
-class _Ip6tIp6(C.Structure):  # struct ip6t_ip6 (struct in6_addr is aligned as its u32 member)
-    _fields_ = [("src", C.c_uint32 * 4), ("dst", C.c_uint32 * 4), ("smsk", C.c_uint32 * 4),
-                ("dmsk", C.c_uint32 * 4), ("iniface", C.c_char * 16), ("outiface", C.c_char * 16),
-                ("iniface_mask", C.c_ubyte * 16), ("outiface_mask", C.c_ubyte * 16), ("proto", C.c_uint16),
-                ("tos", C.c_uint8), ("flags", C.c_uint8), ("invflags", C.c_uint8)]
-
-
-def _entry(ip: type[C.Structure]) -> type[C.Structure]:
-    """struct ipt_entry / ip6t_entry: the IP part, then the header fields and the counters."""
-    return type(f"_Entry{ip.__name__}", (C.Structure,), {"_fields_": [
-        ("ip", ip), ("nfcache", C.c_uint32), ("target_offset", C.c_uint16), ("next_offset", C.c_uint16),
-        ("comefrom", C.c_uint32), ("counters", _XtCounters)]})
-
-
-_ENTRY = {4: _entry(_IptIp), 6: _entry(_Ip6tIp6)}
-
-
-class _Replace(C.Structure):  # struct ipt_replace, up to its entries (aligned as an entry: the tail padding)
-    _fields_ = [("name", C.c_char * 32), ("valid_hooks", C.c_uint32), ("num_entries", C.c_uint32),
-                ("size", C.c_uint32), ("hook_entry", C.c_uint32 * 5), ("underflow", C.c_uint32 * 5),
-                ("num_counters", C.c_uint32), ("counters", C.c_void_p), ("entries", _ENTRY[4] * 0)]
-
-
-class _GetEntries(C.Structure):  # struct ipt_get_entries
-    _fields_ = [("name", C.c_char * 32), ("size", C.c_uint32), ("entrytable", _ENTRY[4] * 0)]
-
-
-class _CountersInfo(C.Structure):  # struct xt_counters_info
-    _fields_ = [("name", C.c_char * 32), ("num_counters", C.c_uint32), ("counters", _XtCounters * 0)]
-
-
-XT_ALIGN = C.alignment(_XtAlign)
-POINTER = C.sizeof(C.c_void_p)
+# Here rather than in xtables_layout.py: which layouts the writer trusts is its decision, not the layout's
+# (and a test stands in for another platform by setting xtables.ABI before unvouched() reads it).
 # The platforms whose layout has been run against a kernel (x86_64; i386 through x86_64's compat layer) or,
 # for 32-bit ARM, checked under emulation against the kernel's UAPI sizes: (byte order, pointer, XT_ALIGN).
 VOUCHED = {("little", 8, 8): "64-bit", ("little", 4, 4): "i386", ("little", 4, 8): "32-bit ARM"}
 ABI = (sys.byteorder, POINTER, XT_ALIGN)
-REPLACE = struct.Struct(f"=32sIII5I5II{'Q' if POINTER == 8 else 'I'}{C.sizeof(_Replace) - 88 - POINTER}x")
-GET_ENTRIES = struct.Struct(f"=32sI{C.sizeof(_GetEntries) - 36}x")
-COUNTERS_INFO = struct.Struct(f"=32sI{C.sizeof(_CountersInfo) - 36}x")
 
 
 def unvouched() -> str | None:
@@ -118,60 +66,6 @@ class TableError(Exception):
     def __init__(self, message: str, errno: int = 0) -> None:
         super().__init__(message)
         self.errno = errno
-
-
-def align(n: int) -> int:
-    return (n + XT_ALIGN - 1) & ~(XT_ALIGN - 1)  # XT_ALIGN
-
-
-class Layout:
-    """Sizes and offsets of struct ipt_entry (IPv4) or struct ip6t_entry (IPv6) on this platform."""
-
-    def __init__(self, fam: int) -> None:
-        v6 = fam == 6
-        entry = _ENTRY[fam]
-        self.fam = fam
-        self.af = socket.AF_INET6 if v6 else socket.AF_INET
-        self.level = socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP
-        self.so_get_revision_target = 69 if v6 else 67
-        self.addr_len = 16 if v6 else 4
-        # the IP part: src, dst, smsk, dmsk, iniface, outiface, iniface_mask, outiface_mask, proto, (tos,) flags, inv
-        self.ip = struct.Struct("=16s16s16s16s16s16s16s16sHBBB3x" if v6 else "=4s4s4s4s16s16s16s16sHBB")
-        self.size = C.sizeof(entry)  # entry header: ip, nfcache, target_offset, next_offset, comefrom, counters
-        self.offsets_at = entry.target_offset.offset  # u16 target_offset, u16 next_offset
-        self.comefrom_at = entry.comefrom.offset
-        self.counters_at = entry.counters.offset
-        assert self.ip.size == C.sizeof(_Ip6tIp6 if v6 else _IptIp) == entry.nfcache.offset
-        assert self.counters_at + COUNTER == self.size
-        # After the IP part: nfcache, the offsets, comefrom, the padding before the counters (ip6t_entry
-        # where a u64 is 8-aligned), the counters.
-        pad = self.counters_at - self.comefrom_at - 4
-        self.tail = struct.Struct(f"=IHHI{pad}xQQ")
-        # What the kernel may change in an entry it holds (comefrom, the counters, the padding between):
-        # zeroed wherever entries are compared.
-        self.volatile = self.size - self.comefrom_at
-        self.zero_ip = bytes(self.ip.size)
-
-    def entry(self, ip: bytes, matches: bytes, target: bytes) -> bytes:
-        target_offset = self.size + len(matches)
-        return ip + self.tail.pack(0, target_offset, target_offset + len(target), 0, 0, 0) + matches + target
-
-    def standard(self, verdict: int) -> bytes:
-        """An unconditional entry with a standard target: a policy, a RETURN, or a jump (verdict = offset)."""
-        return self.entry(self.zero_ip, b"", ext("", I32.pack(verdict)))
-
-    def error(self, name: str) -> bytes:
-        """A user chain's head (or, named ERROR, the table's end)."""
-        return self.entry(self.zero_ip, b"", ext("ERROR", name.encode().ljust(30, b"\0")[:30]))
-
-
-LAYOUT = {4: Layout(4), 6: Layout(6)}
-
-
-def ext(name: str, data: bytes, revision: int = 0) -> bytes:
-    """A match or target: the header and its data, padded to the alignment."""
-    size = align(HDR + len(data))
-    return struct.pack("=H29sB", size, name.encode(), revision) + data.ljust(size - HDR, b"\0")
 
 
 def tables(fam: int) -> set[str]:
