@@ -131,71 +131,92 @@ def from_rules(census: Mapping[str, Census]) -> tuple[str | None, list[str]]:
 
 
 def decide(facts: Facts) -> Detection | Ask:
-    """The backend and its evidence from what is known so far, or the next fact to find out."""
-    evidence: list[str] = []
-    mode = facts.override
-    forced = mode in BACKENDS
-    if forced:
-        choice = mode
-        evidence.append(f"TS_DEBUG_FIREWALL_MODE={mode}")
-    else:
-        if facts.census is None:
-            return Ask("census")
-        found, evidence = from_rules(facts.census)
-        if found is not None:
-            choice = found
-        elif facts.version == UNKNOWN:
-            return Ask("version")
-        elif facts.version is None:
-            choice = "nftables"
-            evidence.append("no iptables on PATH")
-        else:
-            choice = "nftables" if variant_of(facts.version) == "nf_tables" else "iptables"
-            evidence.append(f"iptables -V: {facts.version}")
+    """The backend and its evidence from what is known so far, or the next fact to find out. Each step
+    answers with its result and the evidence it adds, or with the fact it lacks, which stops the decision
+    there until `detect` has gathered it."""
+    preferred = _preferred(facts)
+    if isinstance(preferred, Ask):
+        return preferred
+    probed = _probed(facts, preferred[0])
+    if isinstance(probed, Ask):
+        return probed
+    choice = probed[0]
+    families = _families(facts, choice)
+    if isinstance(families, Ask):
+        return families
+    path = _libnft_path(facts, choice)
+    if isinstance(path, Ask):
+        return path
+    evidence = (*preferred[1], *probed[1], *families[1], *path[1])
+    return Detection(choice, evidence, families[0], path[0])
 
+
+def _preferred(facts: Facts) -> tuple[str, list[str]] | Ask:
+    """The backend to try first: the override, else the one the rules here point to, else `iptables -V`'s."""
+    mode = facts.override
+    if mode in BACKENDS:
+        return mode, [f"TS_DEBUG_FIREWALL_MODE={mode}"]
+    if facts.census is None:
+        return Ask("census")
+    found, evidence = from_rules(facts.census)
+    if found is not None:
+        return found, evidence
+    if facts.version == UNKNOWN:
+        return Ask("version")
+    if facts.version is None:
+        return "nftables", [*evidence, "no iptables on PATH"]
+    choice = "nftables" if variant_of(facts.version) == "nf_tables" else "iptables"
+    return choice, [*evidence, f"iptables -V: {facts.version}"]
+
+
+def _probed(facts: Facts, choice: str) -> tuple[str, list[str]] | Ask:
+    """`choice` when its IPv4 NAT probe passes (or another program holds its lock), else the other backend
+    when its probe does not fail; neither, or an override that fails its probe, is a DetectionError."""
     first = facts.probes.get((choice, 4))
     if first is None:
         return Ask("probe", choice, 4)
     if first.outcome == "passed":
-        evidence.append(f"{VARIANT[choice]} NAT probe passed")
-    elif first.outcome == "busy":
+        return choice, [f"{VARIANT[choice]} NAT probe passed"]
+    if first.outcome == "busy":
         # Someone holds the xtables lock: they are using this backend now, which is evidence enough.
-        evidence.append(f"{VARIANT[choice]} NAT probe not run ({first.message})")
-    elif forced:
+        return choice, [f"{VARIANT[choice]} NAT probe not run ({first.message})"]
+    if facts.override in BACKENDS:
         raise DetectionError(
-            f"TS_DEBUG_FIREWALL_MODE={mode} but {VARIANT[choice]} NAT does not work in this kernel: "
+            f"TS_DEBUG_FIREWALL_MODE={facts.override} but {VARIANT[choice]} NAT does not work in this kernel: "
             f"{first.message}; unset it to detect the backend, or set it to {_other(choice)}")
-    else:
-        other = _other(choice)
-        second = facts.probes.get((other, 4))
-        if second is None:
-            return Ask("probe", other, 4)
-        if second.outcome == "failed":
-            both = f"{first.message} {second.message}"
-            hint = NET_ADMIN_HINT if "Operation not permitted" in both or "Permission denied" in both else ""
-            raise DetectionError(f"no usable netfilter backend: {VARIANT[choice]} NAT probe failed: "
-                                 f"{first.message}; {VARIANT[other]} NAT probe failed: {second.message}{hint}")
-        evidence.append(f"{VARIANT[choice]} NAT probe failed ({first.message}); {VARIANT[other]} NAT probe "
-                        + ("passed" if second.outcome == "passed" else f"not run ({second.message})"))
-        choice = other
+    other = _other(choice)
+    second = facts.probes.get((other, 4))
+    if second is None:
+        return Ask("probe", other, 4)
+    if second.outcome == "failed":
+        both = f"{first.message} {second.message}"
+        hint = NET_ADMIN_HINT if "Operation not permitted" in both or "Permission denied" in both else ""
+        raise DetectionError(f"no usable netfilter backend: {VARIANT[choice]} NAT probe failed: "
+                             f"{first.message}; {VARIANT[other]} NAT probe failed: {second.message}{hint}")
+    return other, [f"{VARIANT[choice]} NAT probe failed ({first.message}); {VARIANT[other]} NAT probe "
+                   + ("passed" if second.outcome == "passed" else f"not run ({second.message})")]
 
+
+def _families(facts: Facts, choice: str) -> tuple[tuple[int, ...], list[str]] | Ask:
+    """Both address families, unless the backend's IPv6 NAT probe failed."""
     six = facts.probes.get((choice, 6))
     if six is None:
         return Ask("probe", choice, 6)
-    families: tuple[int, ...] = (4, 6)
     if six.outcome == "busy":
-        evidence.append(f"IPv6 NAT probe not run ({six.message}); IPv6 taken as usable")
-    elif six.outcome == "failed":
-        families = (4,)
-        evidence.append(f"IPv6 NAT unavailable in {VARIANT[choice]} ({six.message}); IPv6 rules are skipped")
+        return (4, 6), [f"IPv6 NAT probe not run ({six.message}); IPv6 taken as usable"]
+    if six.outcome == "failed":
+        return (4,), [f"IPv6 NAT unavailable in {VARIANT[choice]} ({six.message}); IPv6 rules are skipped"]
+    return (4, 6), []
 
-    nft_path = None
-    if choice == "nftables":
-        if facts.libnft is None:
-            return Ask("libnft")
-        nft_path, why = facts.libnft
-        evidence.append(why or f"libnftables path: {nft_path}")
-    return Detection(choice, tuple(evidence), families, nft_path)
+
+def _libnft_path(facts: Facts, choice: str) -> tuple[str | None, list[str]] | Ask:
+    """The libnftables path ("binding" or "cli") when the backend is nftables."""
+    if choice != "nftables":
+        return None, []
+    if facts.libnft is None:
+        return Ask("libnft")
+    nft_path, why = facts.libnft
+    return nft_path, [why or f"libnftables path: {nft_path}"]
 
 
 # ---- gathering the facts ----------------------------------------------------------------------------
