@@ -19,7 +19,7 @@ import re
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from firewall.model import Driver, FirewallBusy, FirewallError
 from firewall.paths import which
@@ -62,7 +62,7 @@ class Detection:
     def variant(self) -> str:
         return VARIANT[self.backend]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         return {"backend": self.backend, "variant": self.variant, "evidence": list(self.evidence),
                 "families": list(self.families), "nft_path": self.nft_path, "fake": self.fake}
 

@@ -68,7 +68,7 @@ class Notification:
     """One IPN bus notification as the boot reads it. `update` folds its netmap parts (`body`, the
     decoded JSON object) into a Node; the loop reads the typed fields."""
 
-    body: Mapping[str, Any]
+    body: Mapping[str, object]
     state: str | None  # the backend state it reports, if any
     netmap: bool  # it carries status, self or peer changes
     self_change: bool
