@@ -37,7 +37,7 @@ from firewall.model import Dnat, Plan, PortMap  # noqa: E402
 
 FOREIGN = 10_000  # someone else's rules in the namespace during the drift checks
 IDLE_CALLS, IDLE_SECONDS = 200, 10.0  # as many drift checks as fit, up to these
-CHECK_PERIOD = 2.0  # the boot's drift check interval (containerboot/boot.py DRIFT_CHECK_SECONDS)
+CHECK_PERIOD = 2.0  # the boot's drift check interval (containerboot/boot/keeper.py DRIFT_CHECK_SECONDS)
 
 
 def mappings(n: int, changed: bool = False) -> Plan:

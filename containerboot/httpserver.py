@@ -140,7 +140,7 @@ def connection_cap(limit: int = MAX_CONNECTIONS) -> int:
 class Server:
     """An HTTP server on one address with bounded connections, time and threads (see the module doc).
 
-    The interface boot.py uses: `addr_port`, `shutdown()`, `server_close()`."""
+    The interface boot/loop.py uses: `addr_port`, `shutdown()`, `server_close()`."""
 
     def __init__(self, address: tuple[str, int], family: int, handler: Handler,
                  slow: Callable[[str], bool], max_connections: int | None = None, name: str = "http",

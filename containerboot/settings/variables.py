@@ -2,7 +2,7 @@
 
 The table (each variable's valid form, shown in its errors and checked against the README), the
 secrets (never quoted), the names passed through to tailscaled, the warning for an unknown TS_*
-variable, and ConfigError. Apart from settings.py so that the parsers (values.py), the secret
+variable, and ConfigError. Apart from __init__.py so that the parsers (values.py), the secret
 files (secretfile.py) and the checks (validate.py) can name variables without importing the
 loader, and so that what the program reads can be read at a glance.
 """

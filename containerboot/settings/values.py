@@ -1,7 +1,7 @@
 """One variable's text -> its value, each parser pure: str in, value out, or ValueError with the problem.
 
 Stricter than upstream where upstream silently falls back to a default: a boolean, a Go duration, an IP
-address, ip:port, a listen address, CIDR prefixes, a DNS name, HuJSON. Apart from settings.py because
+address, ip:port, a listen address, CIDR prefixes, a DNS name, HuJSON. Apart from __init__.py because
 these know nothing of variables or of each other's order: the loader names the variable in the error
 (`bad`), and other modules (the subcommands, the config dir watch, the health endpoint) parse with them.
 """
@@ -12,7 +12,7 @@ import ipaddress
 import json
 import re
 
-from containerboot.variables import shown
+from containerboot.settings.variables import shown
 from firewall.model import IPAddress
 
 BOOL_TRUE = {"1", "t", "T", "TRUE", "true", "True", "yes", "Yes", "YES", "on", "On", "ON"}

@@ -2,7 +2,7 @@
 its fields are ones the pinned tailscaled accepts.
 
 Both depend on the pinned tailscale (its capability version, its ipn.ConfigVAlpha fields), so they are
-kept together and apart from settings.py; the loader picks the file, the checks (validate.py) read it in
+kept together and apart from __init__.py; the loader picks the file, the checks (validate.py) read it in
 upstream's order. Watching the directory for a new version at run time is kube/configdir.py's.
 """
 
@@ -13,8 +13,8 @@ import os
 import posixpath
 import re
 
-from containerboot.values import parse_hujson
-from containerboot.variables import VARIABLES, ConfigError
+from containerboot.settings.values import parse_hujson
+from containerboot.settings.variables import VARIABLES, ConfigError
 
 # tailcfg.CurrentCapabilityVersion of the pinned tailscale (versions.env); picks cap-<N>.hujson.
 CAPABILITY_VERSION = 142

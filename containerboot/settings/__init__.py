@@ -20,11 +20,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-from containerboot import secretfile
-from containerboot.configfile import CAPABILITY_VERSION, CONFIG_DIR, CONFIG_FIELDS, pick_config_file
-from containerboot.secretfile import MAX_SECRET_BYTES, SecretFileError, read_secret_file, token_problem
-from containerboot.validate import accept_dns_override, validate
-from containerboot.values import (
+from containerboot.settings import secretfile
+from containerboot.settings.configfile import CAPABILITY_VERSION, CONFIG_DIR, CONFIG_FIELDS, pick_config_file
+from containerboot.settings.secretfile import MAX_SECRET_BYTES, SecretFileError, read_secret_file, token_problem
+from containerboot.settings.validate import accept_dns_override, validate
+from containerboot.settings.values import (
     BOOL_FALSE,
     BOOL_TRUE,
     parse_addr_port,
@@ -38,7 +38,7 @@ from containerboot.values import (
     parse_pod_ips,
     parse_prefixes,
 )
-from containerboot.variables import (
+from containerboot.settings.variables import (
     BOOL_FORM,
     FILE_VARIABLES,
     IGNORED,

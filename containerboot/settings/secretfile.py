@@ -1,7 +1,7 @@
 """Secrets (TS_AUTHKEY, TS_CLIENT_SECRET, ...): from the variable, or from the file `<SECRET>_FILE` names.
 
 A secret file is read without blocking (a FIFO or a device cannot hang the boot) and bounded in size,
-and both forms must hold one token. Apart from settings.py because this is the one part of loading that
+and both forms must hold one token. Apart from __init__.py because this is the one part of loading that
 touches the file system and the one whose errors must never quote the value.
 """
 
@@ -11,7 +11,7 @@ import os
 import stat
 from collections.abc import Callable, Mapping
 
-from containerboot.variables import VARIABLES, ConfigError, shown
+from containerboot.settings.variables import VARIABLES, ConfigError, shown
 
 MAX_SECRET_BYTES = 65536
 

@@ -1,7 +1,7 @@
 """Checks across variables: upstream's, in its order and with its messages (plus the fix), and the
 --accept-dns flag in TS_EXTRA_ARGS that overrides TS_ACCEPT_DNS.
 
-Apart from settings.py because each check reads several variables at once, after each variable has been
+Apart from __init__.py because each check reads several variables at once, after each variable has been
 parsed on its own: the order here is upstream's order of checks, which decides the one error reported.
 The warnings these checks add go into Settings.notes, logged at start.
 """
@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from containerboot.configfile import CONFIG_DIR, check_config_file
-from containerboot.values import parse_bool
-from containerboot.variables import ConfigError, shown
+from containerboot.settings.configfile import CONFIG_DIR, check_config_file
+from containerboot.settings.values import parse_bool
+from containerboot.settings.variables import ConfigError, shown
 
-if TYPE_CHECKING:  # settings.py imports this module to finish load(); only the type is needed here
+if TYPE_CHECKING:  # __init__.py imports this module to finish load(); only the type is needed here
     from containerboot.settings import Settings
 
 def accept_dns_override(base: bool, extra: str, given: bool | None) -> tuple[bool | None, str, list[str]]:
