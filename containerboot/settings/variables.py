@@ -68,7 +68,11 @@ VARIABLES: dict[str, str] = {
 FILE_VARIABLES = {f"{name}_FILE": name for name in SECRETS}
 # Read by tailscaled itself (inherited environment), so not unknown even though unused here.
 PASSED_THROUGH = {"TS_INTERNAL_APP", "TS_STATE", "TS_PERMIT_CERT_UID", "TS_NO_LOGS_NO_SUPPORT", "TS_LOG_TARGET",
-                  "TS_LOGS_DIR", "TS_CERT_SHARE_MODE", "TS_TEST_RECORD_ARGS", "TS_TEST_SOCKET"}
+                  "TS_LOGS_DIR", "TS_CERT_SHARE_MODE", "TS_TEST_RECORD_ARGS", "TS_TEST_SOCKET",
+                  # Set by operators from v1.104 for tailscaled (serve listening on every interface; the ACME
+                  # account key kept in a Secret). The pinned tailscaled does not read them yet; a newer one
+                  # in the image does, so they pass unchanged and without a warning.
+                  "TS_SERVE_ALLOW_ALL_INTERFACES", "TS_ACME_ACCOUNT_SECRET_NAME", "TS_ACME_ACCOUNT_FIELD"}
 PASSED_PREFIXES = ("TS_DEBUG_", "TS_TEST_")
 # Set by the operator and read by nobody: the pinned operator still sets the name deprecated in 1.80
 # (proxygroup_specs.go) beside TS_EGRESS_PROXIES_CONFIG_PATH, which is the one containerboot reads.

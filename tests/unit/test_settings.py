@@ -325,3 +325,15 @@ def test_the_operators_deprecated_egress_variable_gets_no_warning() -> None:
 
     assert unknown_variable_notes({"TS_EGRESS_SERVICES_CONFIG_PATH": "/etc/proxies/egress-services"}) == []
     assert unknown_variable_notes({"TS_EGRESS_SERVICE_CONFIG_PATH": "x"}) != []
+
+
+def test_the_newer_operators_variables_pass_to_tailscaled_without_a_warning() -> None:
+    """Operators from v1.104 set these for tailscaled; they are no typo, and tailscaled gets them."""
+    from containerboot.settings import unknown_variable_notes
+    from containerboot.tailscale.tailscaled import child_env
+
+    env = {"TS_SERVE_ALLOW_ALL_INTERFACES": "true", "TS_ACME_ACCOUNT_SECRET_NAME": "acme-account",
+           "TS_ACME_ACCOUNT_FIELD": "key"}
+    assert unknown_variable_notes(env) == []
+    assert {k: v for k, v in child_env(env).items() if k in env} == env
+    assert unknown_variable_notes({"TS_SERVE_ALLOW_ALL_INTERFACE": "true"}) != []  # a typo still is one
