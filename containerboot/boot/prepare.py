@@ -51,8 +51,15 @@ def prepare_firewall(s: Settings) -> Firewall:
     env = tailscaled.child_env(os.environ)  # no secret variable reaches tailscaled
     if s.cert_share:
         env["TS_CERT_SHARE_MODE"] = vipservices.cert_share_mode(s)
-    if s.userspace:
+    if s.userspace and not s.is_l3_proxy:
         return Firewall(None, None, env)
+    if s.userspace:
+        # Only a ProxyGroup's services config gets here (every other proxy setting is refused in userspace
+        # mode). Upstream still makes its netfilter runner for it, installs the services' rules and writes
+        # their status (its test egress_svcs_config_kube); so do we, and say what that is worth.
+        log.warning("[warning] ProxyGroup services with TS_USERSPACE=true: their rules are installed and their "
+                    "status written as upstream does, but userspace networking sends no tailnet traffic through "
+                    "the kernel's rules; set TS_USERSPACE=false")
     try:
         detection = system.detect_firewall(s)
     except DetectionError as exc:
@@ -61,6 +68,8 @@ def prepare_firewall(s: Settings) -> Firewall:
         log.warning(f"[warning] {exc}; tailscaled will pick its own backend")
         return Firewall(None, None, env)
     driver = make_driver(detection) if s.is_l3_proxy else None
+    if s.userspace:
+        return Firewall(detection, driver, env)  # tailscaled itself touches no netfilter in userspace mode
     if not detection.fake and not os.environ.get("TS_DEBUG_FIREWALL_MODE"):
         # tailscaled's own rules (ts-input, ts-forward, ...) land in the same backend as ours.
         env["TS_DEBUG_FIREWALL_MODE"] = detection.backend
@@ -83,7 +92,7 @@ def _state_store(s: Settings) -> str:
 
 
 def summary(s: Settings, d: Detection | None) -> str:
-    if s.userspace:
+    if s.userspace and d is None:
         firewall = "none (userspace networking: other processes reach the tailnet through the SOCKS5/HTTP proxy)"
     elif d is None:
         firewall = "undetected"

@@ -173,3 +173,33 @@ def test_tailscaled_exit_ends_the_boot_without_flushing(tmp_path: Path) -> None:
     assert lab.join() == 3
     assert "tailscaled exited unexpectedly (exit status 3); exiting so that the container is restarted" in lab.lines()
     assert "driver: flush" not in lab.journal and "child: SIGTERM" not in lab.journal
+
+
+def test_userspace_proxygroup_services_are_planned_and_their_status_written(tmp_path: Path) -> None:
+    """Upstream's egress_svcs_config_kube: in userspace mode too, a netfilter runner is made for the
+    ProxyGroup's services, which are resolved and their status written."""
+    from containerboot.boot.prepare import prepare_firewall
+    from containerboot.settings import load
+
+    cfg = tmp_path / "egress"
+    cfg.mkdir()
+    services = {"web": {"tailnetTarget": {"ip": "", "fqdn": "foo.tailnetxyz.ts.net"},
+                        "ports": [{"protocol": "tcp", "matchPort": 8080, "targetPort": 80}]}}
+    (cfg / "egress-services").write_text(json.dumps(services))
+    env = {"TS_USERSPACE": "true", "TS_EGRESS_PROXIES_CONFIG_PATH": str(cfg), "TS_TEST_FAKE_NETFILTER": "true",
+           "KUBERNETES_SERVICE_HOST": "127.0.0.1", "TS_KUBE_SECRET": "proxy-0"}
+    fw = prepare_firewall(load(env))
+    assert fw.driver is not None and fw.detection is not None
+    assert "TS_DEBUG_FIREWALL_MODE" not in fw.env  # tailscaled touches no netfilter in userspace mode
+    assert prepare_firewall(load({"TS_USERSPACE": "true", "TS_TEST_FAKE_NETFILTER": "true"})).driver is None
+
+    lab = LoopLab(tmp_path, kube=True, TS_USERSPACE="true", TS_EGRESS_PROXIES_CONFIG_PATH=str(cfg),
+                  TS_TEST_NO_INOTIFY="true")
+    lab.api.running(addrs=("100.64.0.1",))
+    lab.api.status["Peer"] = {"k": {"ID": 2, "DNSName": "foo.tailnetxyz.ts.net.", "TailscaleIPs": ["100.64.0.2"]}}
+    lab.start()
+    lab.wait_log("egress services: status of 1 services written to the state Secret")
+    assert lab.store is not None
+    status = json.loads(lab.store.data["egress-services"])
+    assert list(status["services"]) == ["web"] and status["services"]["web"]["tailnetTargetIPs"] == ["100.64.0.2"]
+    assert lab.stop() == 0
