@@ -18,6 +18,7 @@ bench: go
 	$(PY) bench/bench_kube.py
 	$(PY) bench/bench_egress.py
 	$(PY) bench/bench_egress.py --backend iptables
+	$(PY) bench/bench_metrics.py
 	# The same rule installs in the linux/386 image (32-bit Python and iptables-legacy-restore, natively).
 	scripts/base-image.sh linux/386 >/dev/null
 	$(PY) bench/bench_apply.py --scenario ingress --sizes 1000,10000 --image $$(PLATFORM=linux/386 \

@@ -86,8 +86,9 @@ class Replica:
 
 
 @contextlib.contextmanager
-def replica(api: KubeAPI, impl: str, backend: str) -> Iterator[Replica]:
-    """A started replica (Startup complete) with an empty egress-services config, in a fresh namespace."""
+def replica(api: KubeAPI, impl: str, backend: str, **extra: str) -> Iterator[Replica]:
+    """A started replica (Startup complete) with an empty egress-services config, in a fresh namespace;
+    `extra` adds to its environment."""
     lab = Lab("eg")
     d = Path(tempfile.mkdtemp(prefix="cbe", dir="/tmp"))
     root = Root(d)
@@ -128,7 +129,7 @@ def replica(api: KubeAPI, impl: str, backend: str) -> Iterator[Replica]:
                         TS_USERSPACE="false", TS_AUTHKEY="tskey-auth-bench", TS_TEST_FAKE_NETFILTER="false",
                         TS_DEBUG_FIREWALL_MODE=backend, TS_EGRESS_PROXIES_CONFIG_PATH=str(cfg),
                         TS_LOCAL_ADDR_PORT="127.0.0.1:9002", PATH=path,
-                        TS_LOG_FORMAT="json" if impl == "ours" else "text")
+                        TS_LOG_FORMAT="json" if impl == "ours" else "text", **extra)
         exe = binaries()["containerboot-upstream"] if impl == "upstream" else str(ROOT / ".venv/bin/containerboot")
         run = Run(full, argv=[IP, "netns", "exec", ns, exe])
         run.wait_contains("Startup complete, waiting for shutdown signal", timeout=60)  # text or JSON

@@ -35,6 +35,7 @@ from containerboot.httpserver import (
     Server,
     connection_cap,
 )
+from containerboot.metrics import Metrics
 from containerboot.settings import Settings, parse_addr_port
 from containerboot.tailscale import http1
 from containerboot.tailscale.localapi import LocalAPI, LocalAPIError, TailscaledAPI
@@ -77,7 +78,7 @@ Preshutdown = Callable[[], tuple[int, bytes]]
 
 
 def _handler(health: Health | None, metrics: TailscaledAPI | None, debug: str,
-             preshutdown: Preshutdown | None = None) -> Handler:
+             preshutdown: Preshutdown | None = None, own: Metrics | None = None) -> Handler:
     def handle(req: http1.Request) -> bytes:
         def send(status: int, body: bytes, headers: dict[str, str] | None = None) -> bytes:
             return http1.response(status, body, headers, head_only=req.method == "HEAD")
@@ -96,14 +97,30 @@ def _handler(health: Health | None, metrics: TailscaledAPI | None, debug: str,
         if path == "/healthz" and health is not None:
             return send(200, b"ok", health.headers) if health.healthy else send(503, NO_IPS)
         assert metrics is not None
+        ours = _own_metrics(own, metrics) if own is not None else b""
         try:
             status, headers, body = metrics.request("GET", "/localapi/v0/usermetrics", timeout=10)
         except LocalAPIError as exc:
+            if ours:  # ours say most when tailscaled does not answer: still served, with why theirs are not
+                return send(200, ours + f"# tailscaled's metrics unavailable: {exc}\n".encode(), {"Content-Type": TEXT})
             return send(500, f"failed to proxy request: {exc}\n".encode())
         hop = {"content-length", "transfer-encoding", "connection", "date"}
-        return send(status, body, {k: v for k, v in headers.items() if k.lower() not in hop})
+        return send(status, ours + body if status == 200 else body,
+                    {k: v for k, v in headers.items() if k.lower() not in hop})
 
     return handle
+
+
+TEXT = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text exposition format
+
+
+def _own_metrics(own: Metrics, api: TailscaledAPI) -> bytes:
+    """containerboot's families, with the control connection and key expiry as tailscaled says them now."""
+    try:
+        own.observe_status(api.json("GET", "/localapi/v0/status?peers=false", timeout=5))
+    except (LocalAPIError, ValueError):
+        own.observe_status(None)
+    return own.render()
 
 
 def _debug(req: http1.Request, debug: str) -> tuple[int, bytes, dict[str, str]]:
@@ -120,7 +137,7 @@ def _debug(req: http1.Request, debug: str) -> tuple[int, bytes, dict[str, str]]:
 
 
 def serve(addr_port: str, health: Health | None, metrics: TailscaledAPI | None, debug: str,
-          preshutdown: Preshutdown | None = None) -> Server:
+          preshutdown: Preshutdown | None = None, own: Metrics | None = None) -> Server:
     ip, port = parse_addr_port(addr_port)
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
 
@@ -129,11 +146,12 @@ def serve(addr_port: str, health: Health | None, metrics: TailscaledAPI | None, 
             return preshutdown is not None
         return metrics is not None and (path == "/metrics" or (path.startswith("/debug/") and bool(debug)))
 
-    return Server((str(ip), port), family, _handler(health, metrics, debug, preshutdown), slow,
+    return Server((str(ip), port), family, _handler(health, metrics, debug, preshutdown, own), slow,
                   name=f"http-{addr_port}", addr_port=addr_port)
 
 
-def start(s: Settings, health: Health, api: TailscaledAPI, preshutdown: Preshutdown | None = None) -> list[Server]:
+def start(s: Settings, health: Health, api: TailscaledAPI, preshutdown: Preshutdown | None = None,
+          own: Metrics | None = None) -> list[Server]:
     """Upstream's servers: the deprecated health-only one, then the local one (which also serves the egress
     services' pre-stop hook when TS_EGRESS_PROXIES_CONFIG_PATH is set)."""
     servers = []
@@ -144,7 +162,7 @@ def start(s: Settings, health: Health, api: TailscaledAPI, preshutdown: Preshutd
         preshutdown = None
     if s.enable_metrics or s.enable_health_check or preshutdown is not None:
         servers.append(serve(s.local_addr_port, health if s.enable_health_check else None,
-                             api if s.enable_metrics else None, s.debug_addr_port, preshutdown))
+                             api if s.enable_metrics else None, s.debug_addr_port, preshutdown, own))
         if s.enable_metrics:
             log.info(f"Running metrics endpoint at {s.local_addr_port}/metrics")
         if s.enable_health_check:

@@ -10,34 +10,42 @@ from __future__ import annotations
 
 from containerboot import log
 from containerboot.events import Cancel, Clock, Exit
+from containerboot.metrics import Metrics
 from firewall.model import Driver, FirewallBusy, FirewallError, Plan
 
 DRIFT_CHECK_SECONDS = 2.0
 
 
 class RuleKeeper:
-    def __init__(self, driver: Driver, cancel: Cancel, clock: Clock) -> None:
+    def __init__(self, driver: Driver, cancel: Cancel, clock: Clock, metrics: Metrics) -> None:
         self.driver = driver
         self.cancel = cancel
         self.clock = clock
+        self.metrics = metrics
         self.applied: Plan | None = None  # the plan live in the kernel
         self.pending = False  # a plan that could not be applied yet (lock busy): retried on the tick
         self.next_check = 0.0
 
     def apply(self, plan: Plan) -> bool:
         """Make the kernel's rules equal to `plan`; False when the lock is busy (pending, retried)."""
+        started = self.clock.now()
         try:
             with self.cancel.blocking():
                 self.driver.apply(plan)
         except FirewallBusy as exc:
             # Another program holds the netfilter lock: not an error of ours; the next tick tries again.
+            self.metrics.apply_failures += 1
             self.pending = True
             log.warning(f"firewall: {exc}; retrying")
             return False
         except FirewallError as exc:
+            self.metrics.apply_failures += 1
             raise Exit(1, f"installing proxy rules: {exc}") from exc
         self.pending = False
         self.applied = plan
+        self.metrics.applies += 1
+        self.metrics.last_apply_seconds = self.clock.now() - started
+        self.metrics.rules = {fam: len(plan.only(fam).rules) for fam in (4, 6)}
         self.next_check = self.clock.now() + DRIFT_CHECK_SECONDS
         return True
 
@@ -75,6 +83,8 @@ class RuleKeeper:
                 self.driver.apply(self.applied, full=True)
         except (FirewallError, OSError) as exc:
             log.error(f"firewall: restoring the rules failed: {exc}; retrying")
+            return
+        self.metrics.drift_repairs += 1
 
     def flush(self) -> None:
         """Remove our rules (clean shutdown): quickly, or not at all."""
@@ -85,3 +95,5 @@ class RuleKeeper:
             self.driver.flush()
         except FirewallError as exc:
             log.warning(f"firewall: removing our rules failed: {exc}")
+            return
+        self.metrics.rules = {}

@@ -40,6 +40,7 @@ from containerboot.events import (
 from containerboot.kube import configdir
 from containerboot.kube import state as kube_state
 from containerboot.kube.secret import StateStore
+from containerboot.metrics import Metrics
 from containerboot.proxygroup.services import ProxyGroupServices
 from containerboot.settings import Settings
 from containerboot.tailscale import ipn, serve, tailscaled, vipservices
@@ -70,17 +71,19 @@ class Boot:
         self.cli = cli
         self.deadline = deadline  # the boot's: the set-up, tailscaled's start and the login share it
         self.health = health.Health(s)
+        d = fw.detection
+        self.metrics = Metrics(firewall=(d.backend, d.variant, "; ".join(d.evidence)) if d else None, clock=clock.now)
         self.node = ipn.Node()
         self.child: Child | None = None
         self.servers: list[health.Server] = []
         self.started = False
         self.netmap_at = 0.0
         self.notes: set[str] = set()
-        self.keeper = RuleKeeper(fw.driver, cancel, clock) if fw.driver is not None else None
+        self.keeper = RuleKeeper(fw.driver, cancel, clock, self.metrics) if fw.driver is not None else None
         self.state = kube_state.StateKeeper(s, store, cancel, clock)
         self.bus = BusSession(api, self.inbox, cancel, clock, s.boot_timeout)
         self.targets = Targets(s, cancel, clock, self.note)
-        self.services = ProxyGroupServices(s, self.state, self.inbox, cancel, clock)
+        self.services = ProxyGroupServices(s, self.state, self.inbox, cancel, clock, self.metrics)
         self.vip = vipservices.Services(s, api)  # Tailscale Services: cert share loops, advertisement
         self.serve = serve.ServeWatcher(s.serve_config, api, on_change=self.vip.on_serve_config) \
             if s.serve_config else None
@@ -110,7 +113,7 @@ class Boot:
             raise Exit(1, problem)
         try:
             self.servers = health.start(s, self.health, self.api,
-                                        self.services.drain.answer if self.services.drain else None)
+                                        self.services.drain.answer if self.services.drain else None, self.metrics)
         except OSError as exc:
             raise Exit(1, f"failed to listen on the health/metrics address: {exc}") from exc
         if s.enable_forwarding_optimizations:
@@ -155,7 +158,10 @@ class Boot:
                 self.dispatch(ev)
                 continue
             note = ev.note
+            if note.state:
+                self.metrics.backend_state = note.state
             if note.netmap:
+                self.metrics.netmap_at = self.clock.now()
                 self.node = ipn.update(self.node, note.body)
             if note.state == "Running":
                 return
@@ -190,6 +196,7 @@ class Boot:
             raise Exit(1, f"failed to get a reissued authkey: error disconnecting from control: error disconnecting "
                           f"control: {exc}") from exc
         self.state.request_reissue(self.config_authkey)
+        self.metrics.reissues += 1
         self.config.start()
         watch = self.config.watch
         if watch is not None and watch.mode == "inotify":
@@ -251,15 +258,23 @@ class Boot:
                 self.tick()
             elif not isinstance(ev, Notify):
                 self.dispatch(ev)
-            elif ev.note.state and ev.note.state != "Running":
-                raise Exit(1, f'tailscaled left running state (now in state "{ev.note.state}"), exiting')
-            elif ev.note.netmap:
-                self.netmap_at = ev.at
-                self.node = ipn.update(self.node, ev.note.body)
-                if self.node.self_known:
-                    self.on_netmap(self_changed=ev.note.self_change)
-            elif ev.note.err_message is not None:
-                log.info(f"tailscaled IPN bus error: {ev.note.err_message}")
+            else:
+                self.on_notify(ev)
+
+    def on_notify(self, ev: Notify) -> None:
+        note = ev.note
+        if note.state:
+            self.metrics.backend_state = note.state
+        if note.state and note.state != "Running":
+            raise Exit(1, f'tailscaled left running state (now in state "{note.state}"), exiting')
+        if note.netmap:
+            self.netmap_at = ev.at
+            self.metrics.netmap_at = self.clock.now()
+            self.node = ipn.update(self.node, note.body)
+            if self.node.self_known:
+                self.on_netmap(self_changed=note.self_change)
+        elif note.err_message is not None:
+            log.info(f"tailscaled IPN bus error: {note.err_message}")
 
     def dispatch(self, ev: Event) -> None:
         """Events other than notifications, the same way in every phase."""

@@ -19,6 +19,7 @@ from containerboot.events import Cancel, Clock, Inbox, ServicesChanged
 from containerboot.kube import client as kube
 from containerboot.kube import configdir, secret
 from containerboot.kube.state import StateKeeper
+from containerboot.metrics import Metrics
 from containerboot.proxygroup import egress, ingress
 from containerboot.settings import Settings
 from containerboot.tailscale.ipn import Node
@@ -31,8 +32,10 @@ Status = dict[str, object]
 
 
 class ProxyGroupServices:
-    def __init__(self, s: Settings, state: StateKeeper, inbox: Inbox, cancel: Cancel, clock: Clock) -> None:
+    def __init__(self, s: Settings, state: StateKeeper, inbox: Inbox, cancel: Cancel, clock: Clock,
+                 metrics: Metrics) -> None:
         self.s = s
+        self.metrics = metrics
         self.state = state
         self.inbox = inbox
         self.cancel = cancel
@@ -124,6 +127,8 @@ class ProxyGroupServices:
                 # None (no file) and () (an empty object) differ: upstream writes a status for the latter.
                 changed = changed or igot[0] != self.ingress_cfg
                 self.ingress_cfg = igot[0]
+        self.metrics.services[("egress", "configured")] = len(self.egress_cfg or ())
+        self.metrics.services[("ingress", "configured")] = len(self.ingress_cfg or ())
         return changed
 
     def _read(self, kind: str, path: str, setting: str, parse: Callable[[bytes, str], T | None],
@@ -153,6 +158,8 @@ class ProxyGroupServices:
         """The rules for `resolved` are live: the operator may be told."""
         if self.on:
             self.resolved = resolved
+            self.metrics.services[("egress", "applied")] = sum(1 for r in resolved if r.targets)
+            self.metrics.services[("ingress", "applied")] = len(self.ingress_cfg or ())
             self.write_status()
 
     def retry_due(self) -> bool:

@@ -11,6 +11,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import containerboot_exe
 from tests.lab.fakes import SECRET, Root, Run, child_pid, netmap, peer, state
@@ -219,7 +220,13 @@ def test_health_and_metrics_endpoints(root: Root, start: Callable[..., Run]) -> 
     run.wait_log("Setting healthy true")
     status, body, headers = get(f"{base}/healthz")
     assert (status, body, headers["Pod-IPv4"], headers["Pod-IPv6"]) == (200, "ok", "10.1.0.9", "fd10::9")
-    assert get(f"{base}/metrics")[:2] == (200, "fake metrics")
+    status, body, _ = get(f"{base}/metrics")
+    # containerboot's own families first, then tailscaled's answer as it came (upstream proxies only that).
+    assert status == 200 and body.endswith("\nfake metrics"), body
+    ours = {f.name: f for f in text_string_to_metric_families(body.removesuffix("fake metrics"))}
+    assert ours["containerboot_tailscaled_backend_state"].type == "gauge"
+    assert [s.labels["state"] for s in ours["containerboot_tailscaled_backend_state"].samples if s.value == 1] \
+        == ["Running"]
     assert get(f"{base}/nope")[0] == 404
     assert get(f"{base}/debug/pprof")[:2] == (404, "debug endpoint not configured\n")
     req = urllib.request.Request(f"{base}/healthz", method="POST")
