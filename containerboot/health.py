@@ -12,41 +12,11 @@ import threading
 from collections.abc import Callable
 
 from containerboot import log
-from containerboot.httpserver import (
-    ACCEPT_BATCH,
-    BODY_TOO_LARGE,
-    BROKEN,
-    HEAD_TOO_LARGE,
-    MAX_BODY,
-    MAX_CONNECTIONS,
-    MAX_HEAD,
-    NOTE_EVERY,
-    OVERLOADED,
-    READING,
-    REQUEST_TIMEOUT,
-    SHED_PAUSE,
-    WORK_BACKLOG,
-    WORK_TIMEOUT,
-    WORKERS,
-    WORKING,
-    WRITE_TIMEOUT,
-    WRITING,
-    Handler,
-    Server,
-    connection_cap,
-)
+from containerboot.httpserver import Handler, Server
 from containerboot.metrics import Metrics
 from containerboot.settings import Settings, parse_addr_port
 from containerboot.tailscale import http1
 from containerboot.tailscale.localapi import LocalAPI, LocalAPIError, TailscaledAPI
-
-# The server's names were defined here before httpserver.py held them; callers still find them here.
-__all__ = [
-    "ACCEPT_BATCH", "BODY_TOO_LARGE", "BROKEN", "HEAD_TOO_LARGE", "MAX_BODY", "MAX_CONNECTIONS", "MAX_HEAD",
-    "NOTE_EVERY", "NO_IPS", "OVERLOADED", "PRESHUTDOWN_PATH", "READING", "REQUEST_TIMEOUT", "SHED_PAUSE",
-    "WORK_BACKLOG", "WORK_TIMEOUT", "WORKERS", "WORKING", "WRITE_TIMEOUT", "WRITING", "Handler", "Health",
-    "Preshutdown", "Server", "check", "connection_cap", "health_url", "serve", "start",
-]
 
 NO_IPS = b"node currently has no tailscale IPs\n"
 PRESHUTDOWN_PATH = "/internal-egress-services-preshutdown"  # kubetypes.EgessServicesPreshutdownEP

@@ -37,6 +37,7 @@ from containerboot.events import (
     TailscaledExit,
     stop_now,
 )
+from containerboot.httpserver import Server
 from containerboot.kube import configdir
 from containerboot.kube import state as kube_state
 from containerboot.kube.secret import StateStore
@@ -75,7 +76,7 @@ class Boot:
         self.metrics = Metrics(firewall=(d.backend, d.variant, "; ".join(d.evidence)) if d else None, clock=clock.now)
         self.node = ipn.Node()
         self.child: Child | None = None
-        self.servers: list[health.Server] = []
+        self.servers: list[Server] = []
         self.started = False
         self.netmap_at = 0.0
         self.notes: set[str] = set()

@@ -243,7 +243,7 @@ def test_odd_requests_get_an_answer(root: Root, request_bytes: bytes, expected: 
 
 
 def test_silent_client_is_dropped_after_the_request_timeout(root: Root) -> None:
-    from containerboot.health import REQUEST_TIMEOUT
+    from containerboot.httpserver import REQUEST_TIMEOUT
 
     port = free_port()
     run = start_with_fd_limit(root, port)
@@ -346,11 +346,12 @@ def test_running_out_of_fds_drops_connections_not_the_server() -> None:
     import sys
 
     from containerboot import health
+    from containerboot.httpserver import Server
     from containerboot.settings import load
 
     state = health.Health(load({}))
     state.set(True)
-    server = health.Server(("127.0.0.1", 0), socket.AF_INET, health._handler(state, None, ""),
+    server = Server(("127.0.0.1", 0), socket.AF_INET, health._handler(state, None, ""),
                            slow=lambda _: False, max_connections=1000)
     port = server.server_address[1]
     clients = subprocess.Popen([sys.executable, "-c", CLIENTS, str(port), "60"], stdin=subprocess.PIPE,
