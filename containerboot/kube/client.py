@@ -6,7 +6,7 @@ writes through it, and the decisions about what to write, are in secret.py.
 
 Why not a client library: measured on this project's machine (Python 3.11, same venv), importing
 `lightkube` costs 23 MiB of RSS and ~0.5 s, the official `kubernetes` client 35 MiB and ~1 s, while
-`ssl` + `http.client` cost 11 MiB and ~0.15 s, and the proxy needs six calls. (http.client itself is
+`ssl` + `http.client` cost 11 MiB and ~0.15 s, and the proxy needs a handful of calls. (http.client itself is
 not used either: containerboot/tailscale/http1.py over an ssl socket spares its email package.)
 """
 
@@ -240,13 +240,17 @@ class Client:
     def _secret_path(self, name: str) -> str:
         return f"/api/v1/namespaces/{_segment(self.namespace)}/secrets/{_segment(name)}"
 
-    def allowed(self, verb: str, resource: str, name: str = "") -> bool:
-        attrs = {"namespace": self.namespace, "verb": verb, "resource": resource}
+    def allowed(self, verb: str, resource: str, name: str = "", namespace: str = "",
+                deadline: float | None = None) -> bool:
+        """A SelfSubjectAccessReview: may this service account `verb` the core `resource` (named, or any)
+        in `namespace` (default: the service account's own)?"""
+        attrs = {"namespace": namespace or self.namespace, "verb": verb, "resource": resource}
         if name:
             attrs["name"] = name
         review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
                   "spec": {"resourceAttributes": attrs}}
-        answer = self.request("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", review)
+        answer = self.request("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", review,
+                              deadline=deadline)
         return bool(isinstance(answer, dict) and (answer.get("status") or {}).get("allowed"))
 
     def get_secret(self, name: str, deadline: float | None = None) -> dict[str, bytes]:
@@ -263,9 +267,42 @@ class Client:
     def json_patch_secret(self, name: str, ops: list[dict[str, Any]]) -> None:
         self.request("PATCH", self._secret_path(name), ops, "application/json-patch+json")
 
+    # Core v1 Events (podevents.py writes them): read one, create one, JSON-patch one.
+
+    def _events_path(self, namespace: str, name: str = "") -> str:
+        path = f"/api/v1/namespaces/{_segment(namespace)}/events"
+        return f"{path}/{_segment(name)}" if name else path
+
+    def get_event(self, namespace: str, name: str, deadline: float | None = None) -> dict[str, Any]:
+        """The Event as the server has it; KubeError (code 404) when there is none."""
+        answer = self.request("GET", self._events_path(namespace, name), deadline=deadline)
+        if not isinstance(answer, dict):
+            raise KubeError(f"Event {json.dumps(name)}: the answer is not an object")
+        return answer
+
+    def create_event(self, namespace: str, event: Mapping[str, Any], deadline: float | None = None) -> None:
+        self.request("POST", self._events_path(namespace), event, deadline=deadline)
+
+    def patch_event(self, namespace: str, name: str, ops: list[dict[str, Any]],
+                    deadline: float | None = None) -> None:
+        self.request("PATCH", self._events_path(namespace, name), ops, "application/json-patch+json",
+                     deadline=deadline)
+
     def close(self) -> None:
         with self._lock:
             self._drop()
+
+    def interrupt(self) -> None:
+        """Cut a call in flight on another thread short, without waiting for the lock it holds: the
+        kept-alive connection is shut down under it, so its read fails at once (a retry is then refused
+        when `stop` says so). Shuts the TCP socket itself down: ssl's shutdown() would also clear the
+        TLS object that the other thread is reading through."""
+        conn = self._conn
+        if conn is not None:
+            try:
+                socket.socket.shutdown(conn, socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed or never connected: nothing is in flight on it
 
     def sibling(self) -> Client:
         """The same credentials and server on a connection of its own, for calls made at the same time."""
