@@ -16,9 +16,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Everything a kernel-mode boot with services, the health endpoint and the Kubernetes store may import.
 BOOT_MODULES = ["containerboot.boot.loop", "containerboot.kube.client", "containerboot.kube.secret",
-                "containerboot.tailscale.vipservices", "containerboot.proxygroup.egress",
-                "containerboot.proxygroup.ingress", "containerboot.health", "containerboot.tailscale.localapi",
-                "firewall.detect", "firewall.nftables", "firewall.iptables", "firewall.xtables"]
+                "containerboot.kube.podevents", "containerboot.tailscale.vipservices",
+                "containerboot.proxygroup.egress", "containerboot.proxygroup.ingress", "containerboot.health",
+                "containerboot.tailscale.localapi", "firewall.detect", "firewall.nftables", "firewall.iptables",
+                "firewall.xtables"]
 
 
 def boot_interpreter(after: str = "") -> dict[str, object]:
