@@ -13,7 +13,9 @@ for 127.0.0.1 from a CA made at start, authorizing with RBAC, signing service-ac
 made at start. The admin is a client certificate in group system:masters. Several servers can share one etcd
 (each has its own --etcd-prefix). No controller-manager runs: a deleted namespace stays Terminating (use a
 fresh namespace per test), no namespace gets a default ServiceAccount, and nothing garbage-collects.
-`close()` stops every process it started (by pid) and removes its temporary directory.
+`close()` stops every process it started (by pid) and removes its temporary directory. With audit=True the
+server also logs every request it answers (who, verb, URI, status; no bodies), and `requests_by(user)` reads
+them back: the server's own count of what a client asked, whatever connection or code path it used.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import subprocess
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -209,10 +212,11 @@ class KubeAPI:
     Attributes: url, port, ca_file (the CA of the serving certificate: a pod's ca.crt), dir (its files).
     """
 
-    def __init__(self, etcd: Etcd | None = None) -> None:
+    def __init__(self, etcd: Etcd | None = None, audit: bool = False) -> None:
         self.own_etcd = etcd is None
         self.dir = Path(tempfile.mkdtemp(prefix="kubeapi-"))
         self.proc: _Process | None = None
+        self.audit_log: Path | None = self.dir / "audit.log" if audit else None
         try:
             self.etcd = etcd or Etcd()
             self._credentials()
@@ -254,7 +258,7 @@ class KubeAPI:
                 "--authorization-mode=RBAC", "--endpoint-reconciler-type=none",
                 # Never routed (no kube-proxy); inside the lab's 198.18.0.0/15 rather than the default 10.0.0.0/24.
                 "--service-cluster-ip-range=198.19.255.0/24",
-                f"--cert-dir={d / 'certs'}", "--profiling=false",
+                f"--cert-dir={d / 'certs'}", "--profiling=false", *self._audit_args(),
             ], d / f"kube-apiserver{attempt}.log")
             try:
                 _wait(self._ready, self.proc, "kube-apiserver")
@@ -263,6 +267,18 @@ class KubeAPI:
                 self.proc.stop(grace=1)
                 if "address already in use" not in str(e) or attempt == 2:
                     raise
+
+    def _audit_args(self) -> list[str]:
+        """The server's own record of every request (audit.k8s.io, Metadata level: who, verb, URI, status;
+        no bodies), one JSON line each once answered, for tests that count what a client asked."""
+        if self.audit_log is None:
+            return []
+        policy = self.dir / "audit-policy.json"
+        policy.write_text(json.dumps({"apiVersion": "audit.k8s.io/v1", "kind": "Policy",
+                                      "omitStages": ["RequestReceived", "ResponseStarted"],
+                                      "rules": [{"level": "Metadata"}]}))
+        return [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}", "--audit-log-mode=blocking",
+                "--audit-log-format=json"]
 
     def _ready(self) -> bool:
         try:
@@ -315,6 +331,27 @@ class KubeAPI:
         """The server's gitVersion, e.g. v1.37.2."""
         return str(self._ok("GET", "/version")["gitVersion"])
 
+    def requests_by(self, user: str) -> list[dict[str, Any]]:
+        """Every request `user` made (e.g. system:serviceaccount:<ns>:<sa>), as the server's audit log has it:
+        {"verb", "uri", "resource", "code"} in the order logged. Only for a server started with audit=True.
+        A request is logged just after it is answered, so a count can lag its answer by a moment."""
+        assert self.audit_log is not None, "start the server with audit=True"
+        out = []
+        try:
+            text = self.audit_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        for line in text.splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue  # a line being written
+            if (ev.get("user") or {}).get("username") == user and ev.get("stage") == "ResponseComplete":
+                out.append({"verb": ev.get("verb"), "uri": ev.get("requestURI"),
+                            "resource": (ev.get("objectRef") or {}).get("resource"),
+                            "code": (ev.get("responseStatus") or {}).get("code")})
+        return out
+
     # -- objects -----------------------------------------------------------------------------------------------
 
     def create_namespace(self, prefix: str = "t") -> str:
@@ -348,6 +385,20 @@ class KubeAPI:
         out = self._ok("POST", f"/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token",
                        {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec})
         return str(out["status"]["token"])
+
+    def create_pod(self, ns: str, name: str, service_account: str) -> str:
+        """A Pod (never scheduled: no scheduler or kubelet runs) run as `service_account`; its UID."""
+        out = self._ok("POST", f"/api/v1/namespaces/{ns}/pods",
+                       {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+                        "spec": {"serviceAccountName": service_account,
+                                 "containers": [{"name": "tailscale", "image": "tailscale/tailscale"}]}})
+        return str(out["metadata"]["uid"])
+
+    def events(self, ns: str, field_selector: str = "") -> list[dict[str, Any]]:
+        """The core v1 Events in `ns`, e.g. with kubectl describe's selector
+        "involvedObject.kind=Pod,involvedObject.name=<name>,involvedObject.uid=<uid>"."""
+        query = f"?fieldSelector={urllib.parse.quote(field_selector)}" if field_selector else ""
+        return list(self._ok("GET", f"/api/v1/namespaces/{ns}/events{query}")["items"])
 
     def get_secret(self, ns: str, name: str) -> dict[str, str] | None:
         """The Secret's data, decoded (bytes that are not UTF-8 as surrogate escapes), or None when absent."""

@@ -31,7 +31,7 @@ class FakeEventsClient:
         self.go.set()
         self.deadline: float | None = 12345.0  # the boot's deadline: PodEvents must not inherit it
         self.stop: Callable[[], bool] = lambda: False
-        self.siblings: list[FakeEventsClient] = []
+        self.siblings: list[_Sibling] = []
         self.closed = False
         self._lock = threading.Lock()
 
