@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from containerboot import log
 from containerboot.events import Cancel, Clock, Exit
+from containerboot.kube.podevents import REASON_FIREWALL_RULES_RESTORED, Recorder
 from containerboot.metrics import Metrics
 from firewall.model import Driver, FirewallBusy, FirewallError, Plan
 
@@ -17,8 +18,9 @@ DRIFT_CHECK_SECONDS = 2.0
 
 
 class RuleKeeper:
-    def __init__(self, driver: Driver, cancel: Cancel, clock: Clock, metrics: Metrics) -> None:
+    def __init__(self, driver: Driver, cancel: Cancel, clock: Clock, metrics: Metrics, events: Recorder) -> None:
         self.driver = driver
+        self.events = events
         self.cancel = cancel
         self.clock = clock
         self.metrics = metrics
@@ -76,8 +78,8 @@ class RuleKeeper:
         if found == self.applied:
             return
         missing, extra = self.applied.rules - found.rules, found.rules - self.applied.rules
-        log.warning(f"firewall: rules changed outside containerboot ({len(missing)} missing, {len(extra)} "
-                    "unexpected); restoring them")
+        what = f"rules changed outside containerboot ({len(missing)} missing, {len(extra)} unexpected)"
+        log.warning(f"firewall: {what}; restoring them")
         try:
             with self.cancel.blocking():
                 self.driver.apply(self.applied, full=True)
@@ -85,6 +87,7 @@ class RuleKeeper:
             log.error(f"firewall: restoring the rules failed: {exc}; retrying")
             return
         self.metrics.drift_repairs += 1
+        self.events.emit(REASON_FIREWALL_RULES_RESTORED, f"{what}; restored", warning=True)
 
     def flush(self) -> None:
         """Remove our rules (clean shutdown): quickly, or not at all."""

@@ -40,6 +40,7 @@ from containerboot.events import (
 from containerboot.httpserver import Server
 from containerboot.kube import configdir
 from containerboot.kube import state as kube_state
+from containerboot.kube.podevents import REASON_AUTH_KEY_REISSUE, REASON_FIREWALL_BACKEND, Recorder, open_events
 from containerboot.kube.secret import StateStore
 from containerboot.metrics import Metrics
 from containerboot.proxygroup.services import ProxyGroupServices
@@ -59,10 +60,11 @@ REISSUE_POLL = 5.0
 
 
 class Boot:
-    def __init__(self, s: Settings, api: TailscaledAPI, fw: Firewall, store: StateStore | None, cancel: Cancel,
-                 clock: Clock, deadline: float, launch: Launch = tailscaled.Tailscaled,
+    def __init__(self, s: Settings, api: TailscaledAPI, fw: Firewall, store: StateStore | None, events: Recorder,
+                 cancel: Cancel, clock: Clock, deadline: float, launch: Launch = tailscaled.Tailscaled,
                  cli: RunCLI = tailscaled.run_cli) -> None:
         self.s = s
+        self.events = events
         self.api = api
         self.fw = fw
         self.cancel = cancel
@@ -80,11 +82,11 @@ class Boot:
         self.started = False
         self.netmap_at = 0.0
         self.notes: set[str] = set()
-        self.keeper = RuleKeeper(fw.driver, cancel, clock, self.metrics) if fw.driver is not None else None
+        self.keeper = RuleKeeper(fw.driver, cancel, clock, self.metrics, events) if fw.driver is not None else None
         self.state = kube_state.StateKeeper(s, store, cancel, clock)
         self.bus = BusSession(api, self.inbox, cancel, clock, s.boot_timeout)
         self.targets = Targets(s, cancel, clock, self.note)
-        self.services = ProxyGroupServices(s, self.state, self.inbox, cancel, clock, self.metrics)
+        self.services = ProxyGroupServices(s, self.state, self.inbox, cancel, clock, self.metrics, events)
         self.vip = vipservices.Services(s, api)  # Tailscale Services: cert share loops, advertisement
         self.serve = serve.ServeWatcher(s.serve_config, api, on_change=self.vip.on_serve_config) \
             if s.serve_config else None
@@ -198,6 +200,7 @@ class Boot:
                           f"control: {exc}") from exc
         self.state.request_reissue(self.config_authkey)
         self.metrics.reissues += 1
+        self.events.emit(REASON_AUTH_KEY_REISSUE, f"{reason}; waiting up to 10m0s for it", warning=True)
         self.config.start()
         watch = self.config.watch
         if watch is not None and watch.mode == "inotify":
@@ -431,6 +434,7 @@ class Boot:
             server.shutdown()
             server.server_close()
             log.info(f"HTTP server at {server.addr_port} closed")
+        self.events.close(1.0)  # what is still queued gets a second
 
     def boot(self) -> int:
         """Start, follow until told to stop, shut down: the exit code."""
@@ -474,8 +478,12 @@ def main(s: Settings, clock: Clock | None = None) -> int:
         fw = prepare_firewall(s)
         log.info(summary(s, fw.detection))
         store, s = opening.result() if opening is not None else (None, s)
+        events = open_events(s, cancel.requested)
+        if fw.detection is not None:
+            d = fw.detection
+            events.emit(REASON_FIREWALL_BACKEND, f"{d.backend} ({d.variant}): {'; '.join(d.evidence)}")
     except Exit as exc:
         return ended(exc)
     except Exception as exc:  # noqa: BLE001
         return unexpected(exc)
-    return Boot(s, api, fw, store, cancel, clock, deadline).boot()
+    return Boot(s, api, fw, store, events, cancel, clock, deadline).boot()

@@ -25,14 +25,16 @@ the Pending class here, tested without a server in tests/unit/test_podevents.py.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from containerboot import log as logging
-from containerboot.kube.client import Client, KubeError
+from containerboot import log
+from containerboot.kube.client import SA_DIR, Client, KubeError, server_address
+from containerboot.settings import Settings
 
 # The reasons the boot emits, and the type of each (kubectl shows Warning ones in `get events --types`).
 REASON_FIREWALL_BACKEND = "FirewallBackend"  # Normal: which netfilter backend was chosen, and why
@@ -40,6 +42,26 @@ REASON_FIREWALL_RULES_RESTORED = "FirewallRulesRestored"  # Warning: someone rem
 REASON_AUTH_KEY_REISSUE = "AuthKeyReissue"  # Warning: control refused the key; a new one is asked for
 REASON_CONFIG_REJECTED = "ConfigRejected"  # Warning: a config file or a reload was refused
 WARNING_REASONS = frozenset({REASON_FIREWALL_RULES_RESTORED, REASON_AUTH_KEY_REISSUE, REASON_CONFIG_REJECTED})
+
+
+class Recorder(Protocol):
+    """Where the boot says what it decided (PodEvents; NoEvents outside a Pod; a fake in the loop's tests)."""
+
+    def emit(self, reason: str, message: str, warning: bool = False) -> None:
+        """Best effort: never blocks, never raises."""
+        ...
+
+    def close(self, timeout: float) -> bool: ...
+
+
+class NoEvents:
+    """No Pod to write Events on (not in Kubernetes, or POD_NAME/POD_UID unset): nothing is written."""
+
+    def emit(self, reason: str, message: str, warning: bool = False) -> None:
+        pass
+
+    def close(self, timeout: float) -> bool:
+        return True
 
 COMPONENT = "containerboot"  # the Event's source.component (upstream's tailscaled writes its own as
 # "tailscale-state-store", with reasons of its own, so the names never meet)
@@ -197,9 +219,9 @@ class PodEvents:
     permission check has answered, then whether Events are written."""
 
     def __init__(self, client: Client, namespace: str, pod_name: str, pod_uid: str,
-                 log: Callable[[str], None] = logging.info) -> None:
+                 say: Callable[[str], None] = log.info) -> None:
         self.namespace, self.pod_name, self.pod_uid = namespace, pod_name, pod_uid
-        self._log = log
+        self._log = say
         self._pending = Pending()
         self._cond = threading.Condition()
         self._closing = False
@@ -360,3 +382,16 @@ class PodEvents:
             self._known[occ.reason] = count + occ.times
             return
         raise KubeError(f"Event {name} was deleted or created by someone else twice in a row")
+
+
+def open_events(s: Settings, stop: Callable[[], bool]) -> Recorder:
+    """PodEvents for this Pod where there is one; the client is our own, the rights are asked in its thread."""
+    if not (s.in_kubernetes and s.pod_name and s.pod_uid):
+        return NoEvents()
+    try:
+        host, port = server_address(s, os.environ)
+        client = Client(s.root_path(SA_DIR), host, port, stop=stop)
+    except KubeError as exc:
+        log.info(f"not writing Kubernetes Events for Pod {s.pod_name}: {exc}")
+        return NoEvents()
+    return PodEvents(client, client.namespace, s.pod_name, s.pod_uid)

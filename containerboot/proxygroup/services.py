@@ -18,6 +18,7 @@ from containerboot import log
 from containerboot.events import Cancel, Clock, Inbox, ServicesChanged
 from containerboot.kube import client as kube
 from containerboot.kube import configdir, secret
+from containerboot.kube.podevents import REASON_CONFIG_REJECTED, Recorder
 from containerboot.kube.state import StateKeeper
 from containerboot.metrics import Metrics
 from containerboot.proxygroup import egress, ingress
@@ -33,9 +34,10 @@ Status = dict[str, object]
 
 class ProxyGroupServices:
     def __init__(self, s: Settings, state: StateKeeper, inbox: Inbox, cancel: Cancel, clock: Clock,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, events: Recorder) -> None:
         self.s = s
         self.metrics = metrics
+        self.events = events
         self.state = state
         self.inbox = inbox
         self.cancel = cancel
@@ -150,6 +152,8 @@ class ProxyGroupServices:
             cfg = parse(data, path) if data is not None else None
         except egress.ConfigError as exc:
             log.error(f"{exc}; keeping the {in_force} {kind} services in force")
+            self.events.emit(REASON_CONFIG_REJECTED, f"{exc}; keeping the {in_force} {kind} services in force",
+                             warning=True)
             return None
         log.info(f"{kind} services config: {len(cfg) if cfg is not None else 0} services")
         return (cfg,)

@@ -47,7 +47,7 @@ class Proxy:
         return f"system:serviceaccount:{self.ns}:proxies"
 
     def events(self, uid: str = "") -> pe.PodEvents:
-        ev = pe.PodEvents(self.client, self.client.namespace, POD, uid or self.uid, log=self.lines.append)
+        ev = pe.PodEvents(self.client, self.client.namespace, POD, uid or self.uid, say=self.lines.append)
         self.made.append(ev)
         return ev
 

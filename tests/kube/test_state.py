@@ -323,3 +323,18 @@ def test_sigterm_during_a_hung_api_call_exits_at_once(pod: Pod, start: Callable[
         run.wait_log("Received SIGTERM, shutting down")
     finally:
         bad.close()
+
+
+def test_the_proxy_says_its_backend_on_its_pod(pod: Pod, start: Callable[..., Run]) -> None:
+    """The FirewallBackend Event on the proxy's own Pod, as `kubectl describe pod` lists it."""
+    uid = pod.api.create_pod(pod.ns, "proxy-pod", "proxies")
+    pod.env.update(POD_NAME="proxy-pod", POD_UID=uid)
+    pod.root.api.notify(netmap(["100.64.0.1/32"]))
+    run = start(pod, **PROXY)
+    run.wait_log("Startup complete, waiting for shutdown signal")
+    selector = f"involvedObject.kind=Pod,involvedObject.name=proxy-pod,involvedObject.uid={uid}"
+    events = wait_for(lambda: pod.api.events(pod.ns, selector), 10)
+    assert [(e["reason"], e["type"], e["source"]["component"]) for e in events] == \
+        [("FirewallBackend", "Normal", "containerboot")]
+    summary = next(ln for ln in run.lines if "Configuration: mode proxy; firewall " in ln)
+    assert events[0]["message"] and events[0]["message"].split(":")[0] in summary

@@ -1,5 +1,5 @@
 """The boot's loop built in-process against fakes: tailscaled's LocalAPI and IPN bus, the child process,
-the netfilter Driver, the state Secret and a clock.
+the netfilter Driver, the state Secret, the Pod's Events and a clock.
 
 Each fake is a full implementation of its seam (TailscaledAPI, Child, Driver, StateStore, Clock), in
 memory, and writes what it was asked into one shared journal, so that a test can check the order in
@@ -215,6 +215,21 @@ class FakeStore:
         self.deadline = deadline
 
 
+class FakeEvents:
+    """Recorder in memory: each Event the boot emits, in the journal too."""
+
+    def __init__(self, journal: list[str]) -> None:
+        self.journal = journal
+        self.emitted: list[tuple[str, str, bool]] = []
+
+    def emit(self, reason: str, message: str, warning: bool = False) -> None:
+        self.journal.append(f"event: {reason}")
+        self.emitted.append((reason, message, warning))
+
+    def close(self, timeout: float) -> bool:
+        return True
+
+
 @dataclass
 class Ended:
     code: int | None = None
@@ -236,6 +251,7 @@ class LoopLab:
         self.api = FakeTailscaled(self.journal, str(sock))
         self.driver = FakeDriver(self.journal)
         self.store = FakeStore(self.journal) if kube else None
+        self.events = FakeEvents(self.journal)
         self.children: list[FakeChild] = []
         self.cli_calls: list[list[str]] = []
         self.out = io.StringIO()
@@ -243,8 +259,8 @@ class LoopLab:
         self.inbox = Inbox(self.clock)
         self.cancel = Cancel(self.inbox)
         detection = Detection("nftables", ("fake netfilter",), fake=True)
-        self.boot = Boot(self.s, self.api, Firewall(detection, self.driver, {}), self.store, self.cancel, self.clock,
-                         self.clock.now() + self.s.boot_timeout, launch=self.launch, cli=self.cli)
+        self.boot = Boot(self.s, self.api, Firewall(detection, self.driver, {}), self.store, self.events, self.cancel,
+                         self.clock, self.clock.now() + self.s.boot_timeout, launch=self.launch, cli=self.cli)
         self.ended = Ended()
         self.thread: threading.Thread | None = None
 

@@ -72,6 +72,9 @@ def test_drift_is_repaired(tmp_path: Path) -> None:
     lab.wait_log(f"rules changed outside containerboot ({n} missing, 0 unexpected); restoring them")
     lab.wait_journal(f"driver: apply {n} full")
     assert lab.driver.current == want
+    assert lab.wait_journal("event: FirewallRulesRestored") > lab.journal.index(f"driver: apply {n} full")
+    assert lab.events.emitted[-1] == ("FirewallRulesRestored", f"rules changed outside containerboot ({n} missing, "
+                                      "0 unexpected); restored", True)
     assert lab.stop() == 0
 
 
@@ -124,6 +127,8 @@ def test_a_bad_config_update_keeps_the_last_good_one(tmp_path: Path) -> None:
     lab.wait_log("keeping the 1 egress services in force")
     lab.inbox.put(ServicesChanged())  # the same bad bytes again: said once
     assert lab.stop() == 0
+    rejected = [e for e in lab.events.emitted if e[0] == "ConfigRejected"]
+    assert len(rejected) == 1 and rejected[0][2] and "keeping the 1 egress services in force" in rejected[0][1]
     assert sum("keeping the 1 egress services in force" in ln for ln in lab.lines()) == 1
     assert sum(e.startswith("driver: apply") for e in lab.journal) == applies
     assert lab.driver.current == Plan()  # flushed at the clean stop, after serving `good` until then
@@ -141,6 +146,8 @@ def test_reissue_asks_the_operator_and_restarts_on_the_new_key(tmp_path: Path) -
     assert before(j, "api: POST /localapi/v0/disconnect-control", "store: reissue_authkey"), j
     assert lab.store is not None and lab.store.data["reissue_authkey"] == b"tskey-auth-old"
     assert "cli: up" not in j  # a config file logs in by itself
+    assert [(r, w) for r, _, w in lab.events.emitted] == [("AuthKeyReissue", True)]
+    assert "tskey-auth-old" not in lab.events.emitted[0][1]  # Events are readable by anyone who lists them
     (cfg / "cap-95.hujson").write_text('{"Version": "alpha0", "AuthKey": "tskey-auth-new"}')
     assert lab.join(10) == 0
     lines = lab.lines()

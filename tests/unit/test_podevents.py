@@ -149,7 +149,7 @@ def events(fake: FakeEventsClient, rights: tuple[str, ...] | None = None, pod: s
     if rights is not None:
         fake.rights = set(rights)
     lines: list[str] = []
-    return pe.PodEvents(fake, "ns", pod, uid, log=lines.append), lines  # type: ignore[arg-type]
+    return pe.PodEvents(fake, "ns", pod, uid, say=lines.append), lines  # type: ignore[arg-type]
 
 
 def test_repeats_raise_the_count_of_one_event() -> None:
