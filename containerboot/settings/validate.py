@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from containerboot.settings.configfile import CONFIG_DIR, check_config_file
 from containerboot.settings.values import parse_bool
-from containerboot.settings.variables import ConfigError, shown
+from containerboot.settings.variables import ConfigError, bad, shown
+from containerboot.tailscale import cliflags
 
 if TYPE_CHECKING:  # __init__.py imports this module to finish load(); only the type is needed here
     from containerboot.settings import Settings
@@ -56,7 +57,9 @@ def validate(s: Settings) -> Settings:
     _check_config_dir_alone(s)
     _check_credentials(s)
     _check_kernel_only(s, user)
-    return _check_endpoints_and_stores(s)
+    s = _check_endpoints_and_stores(s)
+    _check_extra_args(s)  # after upstream's checks, which never look at the flags: its first error stays first
+    return s
 
 
 def _check_targets(s: Settings, user: str) -> None:
@@ -144,3 +147,29 @@ def _check_endpoints_and_stores(s: Settings) -> Settings:
         notes.append("[warning] TS_STATE_DIR is not set: node state is kept in memory, so every restart "
                      "registers a new device; mount a volume and set TS_STATE_DIR to keep the node")
     return replace(s, notes=tuple(notes))
+
+
+# The flags containerboot itself gives `tailscale up`, by the variable that gives them (tailscaled.up_argv).
+OWN_FLAGS = {"auth-key": "TS_AUTHKEY", "client-id": "TS_CLIENT_ID", "client-secret": "TS_CLIENT_SECRET",
+             "id-token": "TS_ID_TOKEN", "audience": "TS_AUDIENCE", "advertise-routes": "TS_ROUTES",
+             "hostname": "TS_HOSTNAME"}
+
+
+def _check_extra_args(s: Settings) -> None:
+    """Each TS_EXTRA_ARGS flag must be one `tailscale up` or `tailscale set` takes, given as the CLI reads it,
+    once: the CLI would refuse anything else at every boot (upstream's container then restarts for ever,
+    tailscale/tailscale#18437). A flag a variable already gives is the CLI's "flag provided multiple times"."""
+    valid = (f"flags of 'tailscale up' or 'tailscale set' (tailscale {cliflags.PINNED}: `tailscale up --help`, "
+             "`tailscale set --help`)")
+    value = cliflags.shown(s.extra_args)
+    try:
+        given = cliflags.parse(s.extra_args)
+    except cliflags.FlagError as exc:
+        raise bad("TS_EXTRA_ARGS", value, f"has {exc}", valid) from None
+    own = {"auth-key": s.authkey, "client-id": s.client_id, "client-secret": s.client_secret, "id-token": s.id_token,
+           "audience": s.audience, "advertise-routes": s.routes is not None, "hostname": s.hostname}
+    for g in given:
+        if own.get(g.name):
+            var = OWN_FLAGS[g.name]
+            raise bad("TS_EXTRA_ARGS", value, f"has --{g.name}, which {var} already gives 'tailscale up' (the CLI "
+                                              "refuses a flag given twice)", f"--{g.name} in one of them")

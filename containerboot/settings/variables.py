@@ -31,7 +31,7 @@ VARIABLES: dict[str, str] = {
     "TS_TAILNET_TARGET_IP": "a tailnet IPv4 or IPv6 address, e.g. 100.64.0.7",
     "TS_TAILNET_TARGET_FQDN": "a MagicDNS name, e.g. db.tailnet.ts.net",
     "TS_TAILSCALED_EXTRA_ARGS": "extra tailscaled flags, split on whitespace",
-    "TS_EXTRA_ARGS": "extra `tailscale up` flags, split on whitespace",
+    "TS_EXTRA_ARGS": "extra `tailscale up` or `tailscale set` flags, split on whitespace",
     "TS_USERSPACE": BOOL_FORM,
     "TS_STATE_DIR": "a directory for tailscaled state",
     "TS_ACCEPT_DNS": BOOL_FORM,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from containerboot.settings import ConfigError, load
 from containerboot.tailscale import cliflags
 from containerboot.tailscale.cliflags import FLAGS, FlagError, Given, parse
 from tests.conftest import need
@@ -138,3 +139,41 @@ def test_parse_never_shows_a_secret() -> None:
 def test_second_accept_dns_is_left_to_the_cli_as_upstream_leaves_it() -> None:
     # settings/validate.py takes the first out; an unparsable one stays, logged and ignored, as upstream does.
     assert parse(["--accept-dns=maybe", "--accept-dns"])[0].name == "accept-dns"
+
+
+# ---- settings load -----------------------------------------------------------------------------------
+
+
+def config_error(env: dict[str, str]) -> str:
+    with pytest.raises(ConfigError) as exc:
+        load(env)
+    assert exc.value.variable == "TS_EXTRA_ARGS"
+    return str(exc.value)
+
+
+def test_settings_refuse_a_flag_neither_command_takes() -> None:
+    msg = config_error({"TS_EXTRA_ARGS": "--login-server=https://h.example --auto-updates"})
+    assert msg == ('TS_EXTRA_ARGS="--login-server=https://h.example --auto-updates" has --auto-updates, which neither '
+                   "'tailscale up' nor 'tailscale set' takes (did you mean --auto-update?); expected flags of "
+                   f"'tailscale up' or 'tailscale set' (tailscale {cliflags.PINNED}: `tailscale up --help`, "
+                   "`tailscale set --help`)")
+    long = config_error({"TS_EXTRA_ARGS": f"--advertise-tags=tag:{'a' * 60} --nope"})
+    assert "…" in long and "has --nope" in long  # the value is cut; the flag is named whatever its place
+    assert SECRET not in config_error({"TS_EXTRA_ARGS": f"--auth-key {SECRET} --nope"})
+
+
+@pytest.mark.parametrize(("env", "variable"), [
+    ({"TS_HOSTNAME": "a", "TS_EXTRA_ARGS": "--hostname=b"}, "TS_HOSTNAME"),
+    ({"TS_ROUTES": "", "TS_EXTRA_ARGS": "--advertise-routes=10.0.0.0/8"}, "TS_ROUTES"),
+    ({"TS_AUTHKEY": SECRET, "TS_EXTRA_ARGS": f"--authkey={SECRET}"}, "TS_AUTHKEY"),
+])
+def test_settings_refuse_a_flag_a_variable_already_gives(env: dict[str, str], variable: str) -> None:
+    msg = config_error(env)
+    assert f"which {variable} already gives 'tailscale up' (the CLI refuses a flag given twice)" in msg
+    assert SECRET not in msg
+
+
+def test_settings_keep_what_upstream_boots_with() -> None:
+    for extra in ("", "--login-server=https://h.example --accept-routes", "--advertise-tags tag:a,tag:b --ssh",
+                  "--auto-update --update-check=false", "--exit-node=100.64.0.9 --exit-node-allow-lan-access --"):
+        assert load({"TS_EXTRA_ARGS": extra}).extra_args == tuple(extra.split())
