@@ -140,6 +140,8 @@ class Boot:
         """Whether rules depend on peers (upstream's condition for watching peer changes)."""
         return bool(self.s.tailnet_target_fqdn or self.s.egress_proxies_config_path)
 
+    up_ran = False  # whether login() ran `tailscale up` in this boot: after_login names what it alone applies
+
     def login(self) -> None:
         log.info("Running 'tailscale up'")
         problem = self.cli(tailscaled.up_argv(self.s), max(0.1, self.deadline - self.clock.now()),
@@ -148,6 +150,7 @@ class Boot:
             stop_now(self.cancel.signum)
         if problem:
             raise Exit(1, f"failed to auth tailscale: tailscale up failed: {problem}")
+        self.up_ran = True
 
     def await_running(self) -> None:
         logged_in = False
@@ -234,9 +237,12 @@ class Boot:
 
     def after_login(self) -> None:
         s = self.s
-        if s.auth_once and not s.config_file:
-            log.info("Running 'tailscale set'")
-            problem = self.cli(tailscaled.set_argv(s), 60, self.cancel.requested)
+        # TS_AUTH_ONCE: upstream's `set`, with TS_EXTRA_ARGS; otherwise only for flags `tailscale up` refuses.
+        then = tailscaled.after_login_set(s, lambda: tailscaled.read_prefs(self.api), self.up_ran)
+        if then.argv is not None:
+            for line in then.lines:
+                (log.warning if line.startswith("[warning]") else log.info)(line)
+            problem = self.cli(then.argv, 60, self.cancel.requested)
             if problem:
                 raise Exit(1, f"failed to auth tailscale: tailscale set failed: {problem}")
         if s.serve_config:

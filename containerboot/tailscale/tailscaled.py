@@ -25,9 +25,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Protocol
 
 from containerboot.settings import FILE_VARIABLES, SECRETS, Settings
+from containerboot.tailscale import cliflags
+from containerboot.tailscale.localapi import LocalAPIError, TailscaledAPI
 from firewall.paths import which
 
 
@@ -67,7 +70,15 @@ def up_argv(s: Settings) -> list[str]:
         argv.append(f"--advertise-routes={s.routes}")
     if s.hostname:
         argv.append(f"--hostname={s.hostname}")
-    return argv + list(s.extra_args)
+    return argv + up_extra_args(s)
+
+
+def up_extra_args(s: Settings) -> list[str]:
+    """TS_EXTRA_ARGS without the flags only `tailscale set` takes (after_login_set sends those)."""
+    try:
+        return cliflags.up_tokens(s.extra_args)
+    except cliflags.FlagError:  # settings load refuses these; a Settings built otherwise gets upstream's argv
+        return list(s.extra_args)
 
 
 def set_argv(s: Settings) -> list[str]:
@@ -77,6 +88,66 @@ def set_argv(s: Settings) -> list[str]:
     if s.hostname:
         argv.append(f"--hostname={s.hostname}")
     return argv
+
+
+@dataclass(frozen=True)
+class AfterLogin:
+    """The `tailscale set` that follows login (None: none) and the lines that say what it carries."""
+
+    argv: list[str] | None
+    lines: tuple[str, ...] = ()
+
+
+def after_login_set(s: Settings, read_prefs: Callable[[], Mapping[str, object] | str], up_ran: bool) -> AfterLogin:
+    """What reaches tailscaled through `tailscale set` once the node is Running.
+
+    TS_AUTH_ONCE=false: the flags of TS_EXTRA_ARGS only `set` takes (`up` has had the rest), none if there
+    are none, so that upstream's command lines stay as they were.
+    TS_AUTH_ONCE=true: upstream's `set` (accept-dns, routes, hostname) plus every TS_EXTRA_ARGS flag `set`
+    takes, plus the settings no variable gives any more put back to `tailscale up`'s defaults where the node
+    (`read_prefs`, the LocalAPI's prefs, or why they could not be read) has other values: so a TS_EXTRA_ARGS
+    changed since the node logged in applies, a removed --accept-routes included, as `tailscale up` at every
+    start would apply it. What only a login applies (--force-reauth, a changed --login-server or
+    --advertise-tags) is named in a warning unless `tailscale up` ran in this boot (`up_ran`)."""
+    if s.config_file:
+        return AfterLogin(None)
+    given = cliflags.parse(s.extra_args)
+    if not s.auth_once:
+        only = cliflags.flat(g for g in given if not g.flag.up)
+        if not only:
+            return AfterLogin(None)
+        return AfterLogin(["tailscale", f"--socket={s.socket}", "set", *only],
+                          (f"Running 'tailscale set {cliflags.shown(only)}': TS_EXTRA_ARGS flags 'tailscale up' "
+                           "does not take",))
+    prefs = read_prefs()
+    carried = cliflags.flat(g for g in given if g.flag.set and g.name != "accept-dns")  # ours is in set_argv
+    named = {g.name for g in given} | {"accept-dns"} | ({"hostname"} if s.hostname else set()) \
+        | ({"advertise-routes"} if s.routes is not None else set())
+    back = cliflags.resets(prefs, named) if not isinstance(prefs, str) else []
+    lines = []
+    if carried or back or isinstance(prefs, str):
+        line = f"TS_EXTRA_ARGS through 'tailscale set' (TS_AUTH_ONCE=true): {cliflags.shown(carried) or 'no flag'}"
+        if back:
+            line += f"; settings no variable gives any more, back to 'tailscale up' defaults: {' '.join(back)}"
+        if isinstance(prefs, str):
+            line += f"; settings no variable gives any more are left as they are (tailscaled's prefs: {prefs})"
+        lines.append(line)
+    later = [] if up_ran else cliflags.needs_login(given, None if isinstance(prefs, str) else prefs)
+    if later:
+        lines.append(f"[warning] TS_EXTRA_ARGS {', '.join(later)}: would need a new login, which TS_AUTH_ONCE=true "
+                     "makes only when the node needs one; not applied (TS_AUTH_ONCE=false runs 'tailscale up' at "
+                     "every start)")
+    lines.append("Running 'tailscale set'")
+    return AfterLogin(set_argv(s) + carried + back, tuple(lines))
+
+
+def read_prefs(api: TailscaledAPI) -> Mapping[str, object] | str:
+    """tailscaled's prefs (GET /localapi/v0/prefs), or why they could not be read."""
+    try:
+        prefs = api.json("GET", "/localapi/v0/prefs")
+    except LocalAPIError as exc:
+        return str(exc)
+    return prefs if isinstance(prefs, Mapping) else {}  # nothing known: nothing is put back
 
 
 # Flags whose value is a secret; the pinned CLI reads each from a file when it starts with "file:".

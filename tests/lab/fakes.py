@@ -108,6 +108,7 @@ class FakeLocalAPI:
         self.requests: list[tuple[str, str, bytes]] = []
         self.lock = threading.Lock()
         self.delays: dict[str, float] = {}  # path -> seconds to wait before answering (a slow tailscaled)
+        self.prefs: dict[str, Any] = {}  # what GET /localapi/v0/prefs answers (upstream's fake: {})
         self.server = _UnixHTTPServer(path, self._handler())
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -166,8 +167,9 @@ class FakeLocalAPI:
                 route = (self.command, path)
                 if route == ("GET", "/localapi/v0/watch-ipn-bus"):
                     return self._watch()
-                if route in (("GET", "/localapi/v0/serve-config"), ("GET", "/localapi/v0/prefs"),
-                             ("PATCH", "/localapi/v0/prefs")):
+                if route == ("GET", "/localapi/v0/prefs"):
+                    return self._reply(200, json.dumps(api.prefs).encode())
+                if route in (("GET", "/localapi/v0/serve-config"), ("PATCH", "/localapi/v0/prefs")):
                     return self._reply(200, b"{}")
                 if route in (("POST", "/localapi/v0/serve-config"), ("POST", "/localapi/v0/disconnect-control")):
                     return self._reply(200)
