@@ -80,6 +80,7 @@ class Boot:
         self.child: Child | None = None
         self.servers: list[Server] = []
         self.started = False
+        self.up_ran = False  # login() ran `tailscale up` in this boot: after_login names what only a login applies
         self.netmap_at = 0.0
         self.notes: set[str] = set()
         self.keeper = RuleKeeper(fw.driver, cancel, clock, self.metrics, events) if fw.driver is not None else None
@@ -139,8 +140,6 @@ class Boot:
     def follows_peers(self) -> bool:
         """Whether rules depend on peers (upstream's condition for watching peer changes)."""
         return bool(self.s.tailnet_target_fqdn or self.s.egress_proxies_config_path)
-
-    up_ran = False  # whether login() ran `tailscale up` in this boot: after_login names what it alone applies
 
     def login(self) -> None:
         log.info("Running 'tailscale up'")
