@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.parse
 from functools import partial
 from typing import Any
 
@@ -88,7 +89,17 @@ def seed_case_with_our_image(c: Cluster, proxy_class: str) -> tuple[Exposed, str
 
 
 def test_seed_case_with_our_image(cluster: Cluster) -> None:
-    seed_case_with_our_image(cluster, "ours")
+    e, _ = seed_case_with_our_image(cluster, "ours")
+    # The proxy's Pod says which backend it chose, as `kubectl describe pod` shows its Events.
+    query = urllib.parse.quote(f"involvedObject.kind=Pod,involvedObject.name={e.pod}")
+    events = cluster.wait_for(lambda: (cluster.get(f"/api/v1/namespaces/{OPERATOR_NS}/events?fieldSelector={query}")
+                                       or {}).get("items"), 30, "the proxy Pod's Events")
+    ours = [ev for ev in events if ev["source"].get("component") == "containerboot"]
+    assert [(ev["reason"], ev["type"]) for ev in ours] == [("FirewallBackend", "Normal")], events
+    assert ours[0]["message"].startswith("nftables (nf_tables): "), ours[0]
+    print(f"\nkubectl describe pod {e.pod} (Events, containerboot's):")
+    print(f"  {'Type':<8} {'Reason':<16} {'From':<14} Message")
+    print(f"  {ours[0]['type']:<8} {ours[0]['reason']:<16} {'containerboot':<14} {ours[0]['message']}")
 
 
 def proxy_container(sts: dict[str, Any]) -> dict[str, Any]:
