@@ -76,7 +76,7 @@ def show(value: Any) -> str:
     return text if len(text) <= 60 else f"{text[:60]}… ({len(text)} characters)"
 
 
-def _field(obj: Mapping[str, Any], name: str) -> Any:
+def field(obj: Mapping[str, Any], name: str) -> Any:
     """Go's encoding/json matches field names case-insensitively, preferring the exact one."""
     if name in obj:
         return obj[name]
@@ -90,29 +90,35 @@ def _port(value: Any, where: str) -> int:
     return value
 
 
-def parse(data: bytes, path: str = KEY_CONFIG) -> Configs | None:
-    """The services in an `egress-services` file; None for an empty file (upstream: no config)."""
+def json_object(data: bytes, prefix: str, names: str, shape: str) -> dict[str, Any] | None:
+    """A services config file (egress or ingress) as its JSON object of `names` -> config; None for an
+    empty file or `null` (upstream: no config). `shape` is one config as the error line shows it."""
     if not data.strip():
         return None
-    prefix = f"{SETTING}: {path}:"
     try:
         doc = json.loads(data)
     except (ValueError, RecursionError) as exc:
-        raise ConfigError(f"{prefix} not JSON ({exc}); expected an object of service name -> "
-                          '{"tailnetTarget": {"ip"|"fqdn": ...}, "ports": [...]}') from None
+        raise ConfigError(f"{prefix} not JSON ({exc}); expected an object of {names} -> {shape}") from None
+    if doc is not None and not isinstance(doc, dict):
+        raise ConfigError(f"{prefix} expected a JSON object of {names} -> config, got {type(doc).__name__}")
+    return doc
+
+
+def parse(data: bytes, path: str = KEY_CONFIG) -> Configs | None:
+    """The services in an `egress-services` file; None for an empty file (upstream: no config)."""
+    prefix = f"{SETTING}: {path}:"
+    doc = json_object(data, prefix, "service name", '{"tailnetTarget": {"ip"|"fqdn": ...}, "ports": [...]}')
     if doc is None:
         return None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{prefix} expected a JSON object of service name -> config, got {type(doc).__name__}")
     out: list[Service] = []
     for name, cfg in sorted(doc.items()):
         where = f"{prefix} service {show(name)}"
         if not isinstance(cfg, dict):
             raise ConfigError(f"{where}: expected an object, got {show(cfg)}")
-        target = _field(cfg, "tailnetTarget") or {}
+        target = field(cfg, "tailnetTarget") or {}
         if not isinstance(target, dict):
             raise ConfigError(f"{where}: tailnetTarget must be an object with ip or fqdn")
-        ip_text, fqdn = _field(target, "ip") or "", _field(target, "fqdn") or ""
+        ip_text, fqdn = field(target, "ip") or "", field(target, "fqdn") or ""
         if not isinstance(ip_text, str) or not isinstance(fqdn, str):
             raise ConfigError(f"{where}: tailnetTarget ip and fqdn must be strings")
         ip: IPAddress | None = None
@@ -123,7 +129,7 @@ def parse(data: bytes, path: str = KEY_CONFIG) -> Configs | None:
                 raise ConfigError(f"{where}: tailnetTarget.ip {show(ip_text)} is not an IP address") from None
         elif not fqdn:
             raise ConfigError(f"{where}: tailnetTarget has neither ip nor fqdn (set exactly one)")
-        ports_doc = _field(cfg, "ports")
+        ports_doc = field(cfg, "ports")
         if ports_doc is None:
             ports_doc = []
         if not isinstance(ports_doc, list):
@@ -134,14 +140,14 @@ def parse(data: bytes, path: str = KEY_CONFIG) -> Configs | None:
             if not isinstance(pm, dict):
                 raise ConfigError(f"{pwhere}: expected {{protocol, matchPort, targetPort}}, got "
                                   f"{show(pm)}")
-            proto = _field(pm, "protocol")
+            proto = field(pm, "protocol")
             # The operator writes Kubernetes' "TCP"/"UDP"; upstream hands them to iptables and nftables, which
             # take either case. Kept as written, so the status echoes it (the operator compares it).
             if not isinstance(proto, str) or proto.lower() not in ("tcp", "udp"):
                 raise ConfigError(f"{pwhere}.protocol {show(proto)}: must be tcp or udp (any case)")
-            ports.add(PortSpec(proto, _port(_field(pm, "matchPort"), f"{pwhere}.matchPort"),
-                               _port(_field(pm, "targetPort"), f"{pwhere}.targetPort")))
-        hep = _field(cfg, "healthCheckEndpoint") or ""
+            ports.add(PortSpec(proto, _port(field(pm, "matchPort"), f"{pwhere}.matchPort"),
+                               _port(field(pm, "targetPort"), f"{pwhere}.targetPort")))
+        hep = field(cfg, "healthCheckEndpoint") or ""
         if not isinstance(hep, str):
             raise ConfigError(f"{where}: healthCheckEndpoint must be a string (a URL)")
         out.append(Service(str(name), ip_text, fqdn, tuple(sorted(ports)), hep, ip))

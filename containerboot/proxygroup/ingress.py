@@ -10,13 +10,12 @@ update is logged and the last good config stays (upstream exits).
 from __future__ import annotations
 
 import ipaddress
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from containerboot.proxygroup import egress
-from containerboot.proxygroup.egress import read_file, show
+from containerboot.proxygroup.egress import field, json_object, read_file, show
 from firewall.model import IPAddress
 
 SETTING = "TS_INGRESS_PROXIES_CONFIG_PATH"
@@ -52,11 +51,6 @@ class Service:
 Configs = tuple[Service, ...]  # sorted by name
 
 
-def _field(obj: Mapping[str, Any], name: str) -> Any:
-    if name in obj:
-        return obj[name]
-    low = name.lower()
-    return next((v for k, v in obj.items() if k.lower() == low), None)
 
 
 def _mapping(doc: Any, where: str, fam: int) -> VipMap | None:
@@ -66,7 +60,7 @@ def _mapping(doc: Any, where: str, fam: int) -> VipMap | None:
         raise ConfigError(f"{where}: expected {{TailscaleServiceIP, ClusterIP}}, got {show(doc)}")
     addrs = []
     for key in ("TailscaleServiceIP", "ClusterIP"):
-        text = _field(doc, key)
+        text = field(doc, key)
         try:
             ip = ipaddress.ip_address(text if isinstance(text, str) else "")
         except ValueError:
@@ -79,27 +73,18 @@ def _mapping(doc: Any, where: str, fam: int) -> VipMap | None:
 
 def parse(data: bytes, path: str = KEY_STATUS) -> Configs | None:
     """The services in the config file; None for an empty file or `null` (upstream: no config)."""
-    if not data.strip():
-        return None
     prefix = f"{SETTING}: {path}:"
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise ConfigError(f"{prefix} not JSON ({exc}); expected an object of Tailscale Service name -> "
-                          '{"IPv4Mapping": {"TailscaleServiceIP": ..., "ClusterIP": ...}, "IPv6Mapping": ...}') \
-            from None
+    doc = json_object(data, prefix, "Tailscale Service name",
+                      '{"IPv4Mapping": {"TailscaleServiceIP": ..., "ClusterIP": ...}, "IPv6Mapping": ...}')
     if doc is None:
         return None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{prefix} expected a JSON object of Tailscale Service name -> config, got "
-                          f"{type(doc).__name__}")
     out = []
     for name, cfg in sorted(doc.items()):
         where = f"{prefix} service {show(name)}"
         if not isinstance(cfg, dict):
             raise ConfigError(f"{where}: expected an object, got {show(cfg)}")
-        out.append(Service(str(name), _mapping(_field(cfg, "IPv4Mapping"), f"{where}: IPv4Mapping", 4),
-                           _mapping(_field(cfg, "IPv6Mapping"), f"{where}: IPv6Mapping", 6)))
+        out.append(Service(str(name), _mapping(field(cfg, "IPv4Mapping"), f"{where}: IPv4Mapping", 4),
+                           _mapping(field(cfg, "IPv6Mapping"), f"{where}: IPv6Mapping", 6)))
     return tuple(out)
 
 
