@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 from typing import NoReturn, Protocol
 
@@ -32,7 +32,7 @@ class Notify:
 
     note: Notification
     watch: int
-    at: float = field(default_factory=time.monotonic)  # when it arrived, for the "our share" figure
+    at: float  # when it arrived (the Clock's time): the netmap's age, and the "our share" figure
 
 
 @dataclass(frozen=True)

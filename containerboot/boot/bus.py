@@ -79,7 +79,7 @@ class BusSession:
         try:
             for notify in watch:
                 self.heard = True
-                self.inbox.put(Notify(ipn.notification(notify), wid))
+                self.inbox.put(Notify(ipn.notification(notify), wid, self.clock.now()))
         except LocalAPIError as exc:
             self.inbox.put(BusError(str(exc), wid))
 

@@ -81,7 +81,6 @@ class Boot:
         self.servers: list[Server] = []
         self.started = False
         self.up_ran = False  # login() ran `tailscale up` in this boot: after_login names what only a login applies
-        self.netmap_at = 0.0
         self.notes: set[str] = set()
         self.keeper = RuleKeeper(fw.driver, cancel, clock, self.metrics, events) if fw.driver is not None else None
         self.state = kube_state.StateKeeper(s, store, cancel, clock)
@@ -166,7 +165,7 @@ class Boot:
             if note.state:
                 self.metrics.backend_state = note.state
             if note.netmap:
-                self.metrics.netmap_at = self.clock.now()
+                self.metrics.netmap_at = ev.at
                 self.node = ipn.update(self.node, note.body)
             if note.state == "Running":
                 return
@@ -277,8 +276,7 @@ class Boot:
         if note.state and note.state != "Running":
             raise Exit(1, f'tailscaled left running state (now in state "{note.state}"), exiting')
         if note.netmap:
-            self.netmap_at = ev.at
-            self.metrics.netmap_at = self.clock.now()
+            self.metrics.netmap_at = ev.at
             self.node = ipn.update(self.node, note.body)
             if self.node.self_known:
                 self.on_netmap(self_changed=note.self_change)
@@ -409,7 +407,7 @@ class Boot:
                 return
             log.info(f"firewall: {len(plan.rules)} rules live in {detection.backend} for "
                      f"{', '.join(map(str, self.node.addrs)) or 'no addresses'}",
-                     ms_after_netmap=round((self.clock.now() - self.netmap_at) * 1000, 2))
+                     ms_after_netmap=round((self.clock.now() - (self.metrics.netmap_at or 0.0)) * 1000, 2))
         self.services.applied(resolved)
 
     # ---- phase 3: shutdown ---------------------------------------------------------------------------
