@@ -55,7 +55,7 @@ def open_store(s: Settings, cancel: Cancel, deadline: float, config_authkey: str
                  "(tailscaled still keeps its state there)")
     if not (s.authkey or s.client_id or s.client_secret or s.config_file):
         s = _authkey_from_secret(s, store, existing)
-    if store.can_patch and s.in_kubernetes and existing is not None:
+    if writable(store, s) and existing is not None:
         try:
             with cancel.blocking():
                 store.patch(secret.reset_patch(existing, s.pod_uid, config_authkey))
@@ -63,6 +63,12 @@ def open_store(s: Settings, cancel: Cancel, deadline: float, config_authkey: str
             raise Exit(1, f"error clearing previous state from Secret: failed to read state Secret "
                           f"{json.dumps(s.kube_secret)} to reset state: {exc}") from exc
     return store, s
+
+
+def writable(store: StateStore | None, s: Settings) -> bool:
+    """Whether containerboot may write to the state Secret (upstream's hasKubeStateStore: in Kubernetes, with
+    patch rights)."""
+    return store is not None and store.can_patch and s.in_kubernetes
 
 
 def _authkey_from_secret(s: Settings, store: StateStore, existing: dict[str, bytes] | None) -> Settings:
@@ -115,15 +121,14 @@ class Opening:
 
 class StateKeeper:
     """What containerboot writes to the state Secret, each key once per value. `store` is None outside
-    Kubernetes; `writable` is the store only where containerboot may write (upstream's hasKubeStateStore:
-    in Kubernetes, with patch rights)."""
+    Kubernetes; `writable` is the store only where containerboot may write (`writable()`)."""
 
     def __init__(self, s: Settings, store: StateStore | None, cancel: Cancel, clock: Clock) -> None:
         self.s = s
         self.store = store
         self.cancel = cancel
         self.clock = clock
-        self.writable = store if store is not None and store.can_patch and s.in_kubernetes else None
+        self.writable = store if writable(store, s) else None
         self.stored_id: str | None = None
         self.stored_endpoints: tuple[str, tuple[IPAddress, ...]] | None = None
 
