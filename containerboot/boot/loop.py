@@ -481,7 +481,7 @@ def main(s: Settings, clock: Clock | None = None) -> int:
         fw = prepare_firewall(s)
         log.info(summary(s, fw.detection))
         store, s = opening.result() if opening is not None else (None, s)
-        events = open_events(s, cancel.requested)
+        events = open_events(s, cancel.requested, store.client if store is not None else None)
         if fw.detection is not None:
             d = fw.detection
             events.emit(REASON_FIREWALL_BACKEND, f"{d.backend} ({d.variant}): {'; '.join(d.evidence)}")

@@ -384,14 +384,17 @@ class PodEvents:
         raise KubeError(f"Event {name} was deleted or created by someone else twice in a row")
 
 
-def open_events(s: Settings, stop: Callable[[], bool]) -> Recorder:
-    """PodEvents for this Pod where there is one; the client is our own, the rights are asked in its thread."""
+def open_events(s: Settings, stop: Callable[[], bool], client: Client | None = None) -> Recorder:
+    """PodEvents for this Pod where there is one, on a sibling of `client` (the state Secret's, whose
+    credentials and TLS context are loaded already) or of a client of its own; the rights are asked in
+    its thread."""
     if not (s.in_kubernetes and s.pod_name and s.pod_uid):
         return NoEvents()
-    try:
-        host, port = server_address(s, os.environ)
-        client = Client(s.root_path(SA_DIR), host, port, stop=stop)
-    except KubeError as exc:
-        log.info(f"not writing Kubernetes Events for Pod {s.pod_name}: {exc}")
-        return NoEvents()
+    if client is None:
+        try:
+            host, port = server_address(s, os.environ)
+            client = Client(s.root_path(SA_DIR), host, port, stop=stop)
+        except KubeError as exc:
+            log.info(f"not writing Kubernetes Events for Pod {s.pod_name}: {exc}")
+            return NoEvents()
     return PodEvents(client, client.namespace, s.pod_name, s.pod_uid)

@@ -17,13 +17,13 @@ from containerboot import log
 from containerboot.events import Cancel, Clock, Exit, stop_now
 from containerboot.kube import client as kube
 from containerboot.kube import secret
-from containerboot.kube.secret import StateStore
+from containerboot.kube.secret import SecretStore, StateStore
 from containerboot.settings import Settings
 from containerboot.tailscale.ipn import Node
 from firewall.model import IPAddress
 
 
-def open_store(s: Settings, cancel: Cancel, deadline: float, config_authkey: str) -> tuple[StateStore, Settings]:
+def open_store(s: Settings, cancel: Cancel, deadline: float, config_authkey: str) -> tuple[SecretStore, Settings]:
     """Upstream's newKubeClient + setupKube + resetContainerbootState, with its messages: the store, and
     the settings with the auth key the Secret holds (when none was given otherwise)."""
     try:
@@ -98,7 +98,7 @@ class Opening:
 
     def __init__(self, s: Settings, cancel: Cancel, deadline: float, config_authkey: str) -> None:
         self._cancel = cancel
-        self._result: tuple[StateStore, Settings] | None = None
+        self._result: tuple[SecretStore, Settings] | None = None
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._work, args=(s, deadline, config_authkey), name="kube-setup",
                                         daemon=True)
@@ -110,7 +110,7 @@ class Opening:
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
             self._failure = exc
 
-    def result(self) -> tuple[StateStore, Settings]:
+    def result(self) -> tuple[SecretStore, Settings]:
         with self._cancel.blocking():  # the calls are bounded by the boot deadline; a signal ends the wait
             self._thread.join()
         if self._failure is not None:
