@@ -21,6 +21,7 @@ from containerboot import log
 from containerboot.boot.loop import Boot
 from containerboot.boot.prepare import Firewall
 from containerboot.events import Cancel, Event, Inbox
+from containerboot.kube.client import KubeError
 from containerboot.settings import Settings, load
 from containerboot.tailscale.localapi import LocalAPIError
 from firewall.detect import Detection
@@ -182,9 +183,6 @@ class FakeStore:
     """StateStore in memory; `fail` patches fail (KubeError) while it is above 0."""
 
     def __init__(self, journal: list[str], name: str = "proxy-0") -> None:
-        from containerboot.kube.client import KubeError
-
-        self.error = KubeError
         self.journal = journal
         self.name = name
         self.can_patch = True
@@ -199,7 +197,7 @@ class FakeStore:
         if self.fail:
             self.fail -= 1
             self.journal.append("store: patch refused")
-            raise self.error("the apiserver said no", code=500)
+            raise KubeError("the apiserver said no", code=500)
         self.journal.append("store: " + ",".join(sorted(data)))
         for key, value in data.items():
             if value is None:
