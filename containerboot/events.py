@@ -78,6 +78,10 @@ class Exit(Exception):
         self.code = code
 
 
+class RestartTailscaled(Exception):
+    """End this boot, and begin another with a new tailscaled in the same process (the rules ours stay)."""
+
+
 def signal_exit(signum: int) -> Exit:
     return Exit(0, f"Received {signal.Signals(signum).name}, shutting down")
 
@@ -119,13 +123,13 @@ class Inbox:
 
     def __init__(self, clock: Clock) -> None:
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-        self._clock = clock
+        self.clock = clock
 
     def put(self, ev: Event) -> None:
         self._events.put(ev)
 
     def get(self, timeout: float) -> Event | None:
-        return self._clock.wait(self._events, timeout)
+        return self.clock.wait(self._events, timeout)
 
 
 class Cancel:
@@ -163,6 +167,12 @@ class Cancel:
         """From here calls run to their own timeouts: the signal has been handled already."""
         self.shutting_down = True
         self._blocking = False
+
+    def resume(self) -> None:
+        """After an in-process restart of tailscaled: signals act again, and the next boot reads a new inbox
+        (what the stopped tailscaled's threads still post lands in the old one, unread)."""
+        self.shutting_down = False
+        self.inbox = Inbox(self.inbox.clock)
 
     @contextlib.contextmanager
     def blocking(self) -> Iterator[None]:

@@ -86,6 +86,6 @@ def defer_inspect() -> None:
 def boot() -> NoReturn:
     tune_malloc()
     defer_inspect()
-    from containerboot.boot import loop
+    from containerboot.boot import main
 
-    sys.exit(loop.main(settings_or_exit()))
+    sys.exit(main.main(settings_or_exit()))

@@ -3,7 +3,8 @@ questions the driver asks nf_tables directly over netlink.
 
 A document (`dumps`) runs through Debian's `python3-nftables` binding when that imports, else through
 `nft -j -f -` (`open_libnft` chooses); `Nfnetlink` asks for the ruleset's generation id and whether a
-table exists, so that the driver can skip a listing. Separate from the rendering and the reading back
+table exists, so that the driver can skip a listing, and how many rules a chain holds (the watch over
+tailscaled's own chains, firewall/tschains.py). Separate from the rendering and the reading back
 (nftables_render.py, nftables_read.py) because those are pure: everything here talks to the kernel.
 """
 
@@ -138,14 +139,15 @@ def open_libnft(prefer: str | None = None) -> tuple[Libnft, str]:
 
 
 class Nfnetlink:
-    """Two questions to nf_tables over netlink, each well under a millisecond: the generation id of this
+    """Three questions to nf_tables over netlink, each well under a millisecond: the generation id of this
     network namespace, which changes with every committed transaction, ours or anyone's
-    (NFT_MSG_GETGEN), and whether a table exists (NFT_MSG_GETTABLE). One socket stays open: closing
+    (NFT_MSG_GETGEN), whether a table exists (NFT_MSG_GETTABLE), and how many rules one chain holds (a
+    dump of NFT_MSG_GETRULE that the kernel filters by table and chain). One socket stays open: closing
     a netlink socket here costs about 10 ms. None: could not ask."""
 
     SUBSYS = 10 << 8  # NFNL_SUBSYS_NFTABLES
-    NEWTABLE, GETTABLE, NEWGEN, GETGEN = 0, 1, 15, 16
-    NLMSG_ERROR, NLM_F_REQUEST = 2, 1
+    NEWTABLE, GETTABLE, NEWRULE, GETRULE, NEWGEN, GETGEN = 0, 1, 6, 7, 15, 16
+    NLMSG_ERROR, NLMSG_DONE, NLM_F_REQUEST, NLM_F_DUMP = 2, 3, 1, 0x300
 
     def __init__(self) -> None:
         self._sock: socket.socket | None = None
@@ -181,9 +183,7 @@ class Nfnetlink:
         return None
 
     def has_table(self, fam: int, name: str) -> bool | None:
-        raw = name.encode() + b"\0"
-        attr = struct.pack("=HH", 4 + len(raw), 1) + raw  # NFTA_TABLE_NAME
-        answer = self._ask(self.GETTABLE, {4: 2, 6: 10}[fam], attr.ljust((len(attr) + 3) & ~3, b"\0"))
+        answer = self._ask(self.GETTABLE, {4: 2, 6: 10}[fam], _attr(1, name))  # NFTA_TABLE_NAME
         if answer is None:
             return None
         if answer[0] == self.SUBSYS | self.NEWTABLE:
@@ -191,3 +191,37 @@ class Nfnetlink:
         if answer[0] == self.NLMSG_ERROR and struct.unpack_from("=i", answer[1])[0] == -2:  # ENOENT
             return False
         return None
+
+    def rule_count(self, fam: int, table: str, chain: str) -> int | None:
+        """The rules in `chain` of `table`; 0 where either does not exist (the kernel's filtered dump
+        finds nothing then)."""
+        self._seq += 1
+        attrs = _attr(1, table) + _attr(2, chain)  # NFTA_RULE_TABLE, NFTA_RULE_CHAIN
+        msg = struct.pack("=LHHLLBBH", 20 + len(attrs), self.SUBSYS | self.GETRULE,
+                          self.NLM_F_REQUEST | self.NLM_F_DUMP, self._seq, 0, {4: 2, 6: 10}[fam], 0, 0) + attrs
+        count = 0
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+            self._sock.send(msg)
+            while True:
+                data, pos = self._sock.recv(1 << 16), 0
+                while pos + 16 <= len(data):
+                    length, kind, _, seq = struct.unpack_from("=LHHL", data, pos)
+                    if length < 16:
+                        return None
+                    if seq == self._seq:
+                        if kind == self.NLMSG_DONE:
+                            return count
+                        if kind == self.NLMSG_ERROR:
+                            return None
+                        count += kind == self.SUBSYS | self.NEWRULE
+                    pos += (length + 3) & ~3
+        except (OSError, struct.error):
+            return None
+
+
+def _attr(kind: int, text: str) -> bytes:
+    """A netlink string attribute, NUL-terminated and padded to 4 bytes."""
+    raw = text.encode() + b"\0"
+    return (struct.pack("=HH", 4 + len(raw), kind) + raw).ljust((4 + len(raw) + 3) & ~3, b"\0")

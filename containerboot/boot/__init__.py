@@ -1,2 +1,3 @@
-"""The boot program (a bare `containerboot`): loop.py orders the phases and the events; bus.py,
-keeper.py, targets.py and prepare.py are the collaborators that live only for it."""
+"""The boot program (a bare `containerboot`): main.py sets up and runs one boot after another; loop.py
+orders the phases and the events of one; bus.py, keeper.py, targets.py, tailscaled_rules.py and
+prepare.py are the collaborators that live only for it."""

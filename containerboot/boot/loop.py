@@ -10,7 +10,8 @@ handles them one at a time, in three phases:
 2. follow (`run`): each netmap is folded into the Node and reconciled (below); the tick retries what
    waits (a busy netfilter lock, a status write), re-resolves the DNS backends and checks for drift;
 3. shutdown: stop advertising, let tailscaled finish its state, SIGTERM it, remove our rules, close the
-   endpoints.
+   endpoints. Where tailscaled's own netfilter chains were removed under it, the same steps stop it
+   without removing our rules, and a new Boot begins (tailscaled_rules.py says why).
 
 The ordering rules live in `on_netmap`: the device ID goes to the Secret before any rule, so that the
 operator can delete the device of a proxy whose rules keep failing; name and addresses only once the
@@ -21,6 +22,8 @@ proxygroup/services.py) each own one concern; this module decides when each is a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from containerboot import health, log, proxy, rules, system
 from containerboot.events import (
     BusError,
@@ -29,9 +32,8 @@ from containerboot.events import (
     ConfigChanged,
     Event,
     Exit,
-    Inbox,
-    MonotonicClock,
     Notify,
+    RestartTailscaled,
     ServicesChanged,
     Signal,
     TailscaledExit,
@@ -40,18 +42,22 @@ from containerboot.events import (
 from containerboot.httpserver import Server
 from containerboot.kube import configdir
 from containerboot.kube import state as kube_state
-from containerboot.kube.podevents import REASON_AUTH_KEY_REISSUE, REASON_FIREWALL_BACKEND, Recorder, open_events
+from containerboot.kube.podevents import (
+    REASON_AUTH_KEY_REISSUE,
+    Recorder,
+)
 from containerboot.kube.secret import StateStore
 from containerboot.metrics import Metrics
 from containerboot.proxygroup.services import ProxyGroupServices
 from containerboot.settings import Settings
 from containerboot.tailscale import ipn, serve, tailscaled, vipservices
-from containerboot.tailscale.localapi import LocalAPI, LocalAPIError, TailscaledAPI
+from containerboot.tailscale.localapi import LocalAPIError, TailscaledAPI
 from containerboot.tailscale.tailscaled import Child, Launch, RunCLI
 
 from .bus import BusSession
 from .keeper import RuleKeeper
-from .prepare import Firewall, prepare_firewall, prepare_host, summary
+from .prepare import Firewall
+from .tailscaled_rules import TailscaledRules
 from .targets import Targets
 
 SHUTDOWN_TIMEOUT = 25.0
@@ -59,10 +65,20 @@ REISSUE_WAIT = 600.0  # how long a proxy whose key was refused waits for the ope
 REISSUE_POLL = 5.0
 
 
+@dataclass
+class Lasting:
+    """What outlives one tailscaled (a restart of it in-process keeps these): the figures, our rules'
+    keeper (the rules stay, so does what it knows of them), and the watch over tailscaled's chains."""
+
+    metrics: Metrics
+    keeper: RuleKeeper | None
+    tailscaled_rules: TailscaledRules | None
+
+
 class Boot:
     def __init__(self, s: Settings, api: TailscaledAPI, fw: Firewall, store: StateStore | None, events: Recorder,
                  cancel: Cancel, clock: Clock, deadline: float, launch: Launch = tailscaled.Tailscaled,
-                 cli: RunCLI = tailscaled.run_cli) -> None:
+                 cli: RunCLI = tailscaled.run_cli, lasting: Lasting | None = None) -> None:
         self.s = s
         self.events = events
         self.api = api
@@ -75,14 +91,18 @@ class Boot:
         self.deadline = deadline  # the boot's: the set-up, tailscaled's start and the login share it
         self.health = health.Health(s)
         d = fw.detection
-        self.metrics = Metrics(firewall=(d.backend, d.variant, "; ".join(d.evidence)) if d else None, clock=clock.now)
+        if lasting is None:  # the first boot
+            metrics = Metrics(firewall=(d.backend, d.variant, "; ".join(d.evidence)) if d else None, clock=clock.now)
+            lasting = Lasting(metrics, RuleKeeper(fw.driver, cancel, clock, metrics, events) if fw.driver else None,
+                              TailscaledRules(fw.chains, clock, api, metrics, events) if fw.chains else None)
+        self.lasting = lasting
+        self.metrics, self.keeper = lasting.metrics, lasting.keeper
         self.node = ipn.Node()
         self.child: Child | None = None
         self.servers: list[Server] = []
         self.started = False
         self.up_ran = False  # login() ran `tailscale up` in this boot: after_login names what only a login applies
         self.notes: set[str] = set()
-        self.keeper = RuleKeeper(fw.driver, cancel, clock, self.metrics, events) if fw.driver is not None else None
         self.state = kube_state.StateKeeper(s, store, cancel, clock)
         self.bus = BusSession(api, self.inbox, cancel, clock, s.boot_timeout)
         self.targets = Targets(s, cancel, clock, self.note)
@@ -373,6 +393,9 @@ class Boot:
             self.reconcile()
         if keeper is not None and keeper.check_due():
             keeper.check_drift()
+        watch = self.lasting.tailscaled_rules
+        if watch is not None and watch.check_due():
+            watch.check()  # raises RestartTailscaled when they are gone
 
     def note(self, text: str) -> None:
         if text not in self.notes:
@@ -412,7 +435,8 @@ class Boot:
 
     # ---- phase 3: shutdown ---------------------------------------------------------------------------
 
-    def shutdown(self, clean: bool) -> None:
+    def shutdown(self, clean: bool, restart: bool = False) -> bool:
+        """Stop everything; with `restart`, keep our rules and the Events: True when a new Boot is to begin."""
         self.cancel.shutdown()
         self.services.close()  # first of all: a pre-stop drain in progress answers now
         self.bus.close()
@@ -431,26 +455,37 @@ class Boot:
             self.vip.wait_failover(failover)
             log.info("Sending SIGTERM to tailscaled")
             self.child.terminate(max(1.0, deadline - self.clock.now()))
-        if clean and self.keeper is not None:
+        restart = restart and not self.cancel.requested()  # a signal meanwhile: this is the shutdown
+        if clean and self.keeper is not None and not restart:
             self.keeper.flush()
         for server in self.servers:
             server.shutdown()
             server.server_close()
             log.info(f"HTTP server at {server.addr_port} closed")
+        if restart:
+            self.cancel.resume()
+            return True
         self.events.close(1.0)  # what is still queued gets a second
+        return False
 
-    def boot(self) -> int:
-        """Start, follow until told to stop, shut down: the exit code."""
-        code = 0
+    def again(self) -> Boot:
+        """The next boot after a restart: the same collaborators, a new tailscaled, a new deadline."""
+        return Boot(self.s, self.api, self.fw, self.state.store, self.events, self.cancel, self.clock,
+                    self.clock.now() + self.s.boot_timeout, self.launch, self.cli, self.lasting)
+
+    def boot(self) -> int | None:
+        """Start, follow until told to stop, shut down: the exit code (None: boot again, see `again`)."""
+        code, restart = 0, False
         try:
             self.start()
             self.run()
+        except RestartTailscaled:
+            restart = True
         except Exit as exc:
             code = ended(exc)
         except Exception as exc:  # noqa: BLE001 - a bug must still stop tailscaled and say what happened
             code = unexpected(exc)
-        self.shutdown(clean=code == 0)
-        return code
+        return None if self.shutdown(clean=code == 0, restart=restart) else code
 
 
 def ended(exc: Exit) -> int:
@@ -462,31 +497,3 @@ def ended(exc: Exit) -> int:
 def unexpected(exc: Exception) -> int:
     log.error(f"unexpected error: {type(exc).__name__}: {exc}")
     return 1
-
-
-def main(s: Settings, clock: Clock | None = None) -> int:
-    """Set up (the Kubernetes state Secret beside the host's preparation and netfilter detection, all
-    bounded by TS_BOOT_TIMEOUT with tailscaled's start and the login), then boot."""
-    for text in s.notes:
-        log.info(text)
-    clock = clock or MonotonicClock()
-    cancel = Cancel(Inbox(clock))
-    api = LocalAPI(s.socket, guard=cancel.blocking)
-    try:
-        cancel.install()
-        deadline = clock.now() + s.boot_timeout
-        opening = kube_state.Opening(s, cancel, deadline, configdir.authkey(s.config_file) if s.config_file else "") \
-            if s.kube_secret else None
-        prepare_host(s)
-        fw = prepare_firewall(s)
-        log.info(summary(s, fw.detection))
-        store, s = opening.result() if opening is not None else (None, s)
-        events = open_events(s, cancel.requested, store.client if store is not None else None)
-        if fw.detection is not None:
-            d = fw.detection
-            events.emit(REASON_FIREWALL_BACKEND, f"{d.backend} ({d.variant}): {'; '.join(d.evidence)}")
-    except Exit as exc:
-        return ended(exc)
-    except Exception as exc:  # noqa: BLE001
-        return unexpected(exc)
-    return Boot(s, api, fw, store, events, cancel, clock, deadline).boot()

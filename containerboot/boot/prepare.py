@@ -12,6 +12,7 @@ from containerboot.events import Exit
 from containerboot.settings import Settings
 from containerboot.tailscale import tailscaled, vipservices
 from firewall.model import Driver
+from firewall.tschains import ChainReader
 
 if TYPE_CHECKING:
     from firewall.detect import Detection  # imported when detection runs (kernel mode only)
@@ -38,14 +39,17 @@ def prepare_host(s: Settings) -> None:
 @dataclass(frozen=True)
 class Firewall:
     """The detected backend (None: userspace, or detection failed where no rules are ours), the driver
-    for our rules (L3 proxies only), and tailscaled's environment."""
+    for our rules (L3 proxies only), tailscaled's environment, and the reader of tailscaled's own chains
+    in the backend it was handed (kernel mode; None where that backend is not ours to know)."""
 
     detection: Detection | None
     driver: Driver | None
     env: dict[str, str]
+    chains: ChainReader | None = None
 
 
 def prepare_firewall(s: Settings) -> Firewall:
+    from firewall import tschains
     from firewall.detect import DetectionError, make_driver
 
     env = tailscaled.child_env(os.environ)  # no secret variable reaches tailscaled
@@ -70,15 +74,19 @@ def prepare_firewall(s: Settings) -> Firewall:
     driver = make_driver(detection) if s.is_l3_proxy else None
     if s.userspace:
         return Firewall(detection, driver, env)  # tailscaled itself touches no netfilter in userspace mode
-    if not detection.fake and not os.environ.get("TS_DEBUG_FIREWALL_MODE"):
+    if detection.fake:
+        return Firewall(detection, driver, env)
+    handed = not os.environ.get("TS_DEBUG_FIREWALL_MODE")
+    if handed:
         # tailscaled's own rules (ts-input, ts-forward, ...) land in the same backend as ours.
         env["TS_DEBUG_FIREWALL_MODE"] = detection.backend
-    if not detection.fake and detection.backend == "iptables":
+    if detection.backend == "iptables":
         shim = system.legacy_xtables_path(s)
         if shim:
             env["PATH"] = f"{shim}:{env.get('PATH', '')}"
             log.info(f"tailscaled runs iptables as iptables-legacy (through {shim}), like our rules")
-    return Firewall(detection, driver, env)
+    # Watched only where we told tailscaled to write (the user's own TS_DEBUG_FIREWALL_MODE may mean elsewhere).
+    return Firewall(detection, driver, env, tschains.reader(detection.backend, detection.families) if handed else None)
 
 
 def _state_store(s: Settings) -> str:

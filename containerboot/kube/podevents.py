@@ -41,7 +41,9 @@ REASON_FIREWALL_BACKEND = "FirewallBackend"  # Normal: which netfilter backend w
 REASON_FIREWALL_RULES_RESTORED = "FirewallRulesRestored"  # Warning: someone removed or changed our rules
 REASON_AUTH_KEY_REISSUE = "AuthKeyReissue"  # Warning: control refused the key; a new one is asked for
 REASON_CONFIG_REJECTED = "ConfigRejected"  # Warning: a config file or a reload was refused
-WARNING_REASONS = frozenset({REASON_FIREWALL_RULES_RESTORED, REASON_AUTH_KEY_REISSUE, REASON_CONFIG_REJECTED})
+REASON_TAILSCALED_RESTARTED = "TailscaledRestarted"  # Warning: its own chains were removed; restarted for them
+WARNING_REASONS = frozenset({REASON_FIREWALL_RULES_RESTORED, REASON_AUTH_KEY_REISSUE, REASON_CONFIG_REJECTED,
+                             REASON_TAILSCALED_RESTARTED})
 
 
 class Recorder(Protocol):

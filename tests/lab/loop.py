@@ -1,10 +1,10 @@
 """The boot's loop built in-process against fakes: tailscaled's LocalAPI and IPN bus, the child process,
-the netfilter Driver, the state Secret, the Pod's Events and a clock.
+the netfilter Driver, tailscaled's own chains, the state Secret, the Pod's Events and a clock.
 
 Each fake is a full implementation of its seam (TailscaledAPI, Child, Driver, StateStore, Clock), in
 memory, and writes what it was asked into one shared journal, so that a test can check the order in
 which the loop asked things of different collaborators (the device ID before any rule, endpoints only
-after the rules are live, the shutdown's sequence). `LoopLab.start()` runs `Boot.boot()` in a thread;
+after the rules are live, the shutdown's sequence). `LoopLab.start()` runs the boots in a thread;
 the test drives it through the fakes and reads the journal and the log lines.
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from containerboot import log
 from containerboot.boot.loop import Boot
+from containerboot.boot.main import run
 from containerboot.boot.prepare import Firewall
 from containerboot.events import Cancel, Event, Inbox
 from containerboot.kube.client import KubeError
@@ -26,6 +27,7 @@ from containerboot.settings import Settings, load
 from containerboot.tailscale.localapi import LocalAPIError
 from firewall.detect import Detection
 from firewall.model import FirewallBusy, FirewallError, Plan
+from firewall.tschains import Chain
 from tests.lab.wait import wait_for
 
 IDLE = 0.01  # real seconds the fake clock waits for an event before it lets fake time pass
@@ -147,6 +149,7 @@ class FakeChild:
     def terminate(self, timeout: float) -> int | None:
         self.journal.append("child: SIGTERM")
         self.code = -15
+        self.on_exit(self.code)  # as the real one's waiting thread does: an event the loop must not mistake
         return self.code
 
 
@@ -177,6 +180,20 @@ class FakeDriver:
 
     def installed(self) -> Plan:
         return self.current
+
+
+class FakeChains:
+    """ChainReader in memory: tailscaled's own chains with their rule counts, as the test sets them (a
+    started FakeChild makes `on_start` of them, as tailscaled's router does)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[Chain, int] = {}
+        self.on_start: dict[Chain, int] = {}
+        self.reads = 0
+
+    def read(self) -> dict[Chain, int] | None:
+        self.reads += 1
+        return dict(self.counts)
 
 
 class FakeStore:
@@ -250,6 +267,7 @@ class LoopLab:
         self.driver = FakeDriver(self.journal)
         self.store = FakeStore(self.journal) if kube else None
         self.events = FakeEvents(self.journal)
+        self.chains = FakeChains()
         self.children: list[FakeChild] = []
         self.cli_calls: list[list[str]] = []
         self.out = io.StringIO()
@@ -257,13 +275,15 @@ class LoopLab:
         self.inbox = Inbox(self.clock)
         self.cancel = Cancel(self.inbox)
         detection = Detection("nftables", ("fake netfilter",), fake=True)
-        self.boot = Boot(self.s, self.api, Firewall(detection, self.driver, {}), self.store, self.events, self.cancel,
-                         self.clock, self.clock.now() + self.s.boot_timeout, launch=self.launch, cli=self.cli)
+        self.boot = Boot(self.s, self.api, Firewall(detection, self.driver, {}, self.chains), self.store, self.events,
+                         self.cancel, self.clock, self.clock.now() + self.s.boot_timeout, launch=self.launch,
+                         cli=self.cli)
         self.ended = Ended()
         self.thread: threading.Thread | None = None
 
     def launch(self, argv: list[str], env: Mapping[str, str], on_exit: Callable[[int], None]) -> FakeChild:
         self.journal.append("child: start")
+        self.chains.counts = dict(self.chains.on_start)
         self.children.append(FakeChild(self.journal, on_exit))
         return self.children[-1]
 
@@ -273,10 +293,10 @@ class LoopLab:
         return None
 
     def start(self) -> LoopLab:
-        def run() -> None:
-            self.ended.code = self.boot.boot()
+        def boots() -> None:
+            self.ended.code = run(self.boot)
 
-        self.thread = threading.Thread(target=run, name="boot-under-test", daemon=True)
+        self.thread = threading.Thread(target=boots, name="boot-under-test", daemon=True)
         self.thread.start()
         return self
 

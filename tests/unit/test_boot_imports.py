@@ -15,7 +15,7 @@ from containerboot.tailscale import ipn
 ROOT = Path(__file__).resolve().parents[2]
 
 # Everything a kernel-mode boot with services, the health endpoint and the Kubernetes store may import.
-BOOT_MODULES = ["containerboot.boot.loop", "containerboot.kube.client", "containerboot.kube.secret",
+BOOT_MODULES = ["containerboot.boot.main", "containerboot.kube.client", "containerboot.kube.secret",
                 "containerboot.kube.podevents", "containerboot.tailscale.vipservices",
                 "containerboot.proxygroup.egress", "containerboot.proxygroup.ingress", "containerboot.health",
                 "containerboot.tailscale.localapi", "firewall.detect", "firewall.nftables", "firewall.iptables",

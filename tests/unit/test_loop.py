@@ -210,3 +210,70 @@ def test_userspace_proxygroup_services_are_planned_and_their_status_written(tmp_
     status = json.loads(lab.store.data["egress-services"])
     assert list(status["services"]) == ["web"] and status["services"]["web"]["tailnetTargetIPs"] == ["100.64.0.2"]
     assert lab.stop() == 0
+
+
+TS_CHAINS = {(4, "filter", "ts-input"): 3, (4, "filter", "ts-forward"): 4, (4, "nat", "ts-postrouting"): 1}
+
+
+def chains_lab(tmp_path: Path) -> LoopLab:
+    lab = LoopLab(tmp_path, kube=True, TS_DEST_IP="10.0.0.5")
+    lab.chains.on_start = dict(TS_CHAINS)  # each tailscaled makes its chains when it starts
+    lab.api.running()
+    lab.api.answers["GET /localapi/v0/prefs"] = {"NetfilterMode": 2}
+    lab.start()
+    lab.wait_log("Startup complete")
+    return lab
+
+
+def flush_tailscaled_chains(lab: LoopLab) -> None:
+    """`nft flush ruleset`, as far as tailscaled's chains go, once the watch has seen them."""
+    reads = lab.chains.reads
+    assert wait_for(lambda: lab.chains.reads >= reads + 2)
+    lab.chains.counts = {}
+
+
+def test_tailscaled_is_restarted_when_its_chains_vanish_and_our_rules_stay(tmp_path: Path) -> None:
+    lab = chains_lab(tmp_path)
+    rules = lab.driver.current
+    flush_tailscaled_chains(lab)
+    lab.wait_log("tailscaled's own netfilter chains were removed (ip filter ts-forward, ip filter ts-input, "
+                 "ip nat ts-postrouting): a ruleset flush or a firewall reload; tailscaled installs them only when "
+                 "it starts, so it is restarted (our rules stay)")
+    back = lab.wait_log("tailscaled's netfilter chains are back (ip filter ts-forward, ip filter ts-input, ip nat "
+                        "ts-postrouting), ")
+    assert back.endswith("s after they were found gone")
+    j = lab.journal
+    # The old tailscaled is stopped (its exit event is not taken for a crash), a new one started, no rule removed.
+    starts = [i for i, e in enumerate(j) if e == "child: start"]
+    assert len(starts) == 2 and starts[0] < j.index("child: SIGTERM") < starts[1], j
+    assert "driver: flush" not in j and lab.driver.current == rules
+    assert lab.events.emitted[-1][0] == "TailscaledRestarted" and lab.events.emitted[-1][2] is True
+    assert lab.boot.metrics.tailscaled_restarts == 1
+    assert b"containerboot_tailscaled_restarts_total 1" in lab.boot.metrics.render()
+    assert sum(ln == "Startup complete, waiting for shutdown signal" for ln in lab.lines()) == 2
+    assert lab.stop() == 0
+    assert lab.journal[-1] == "driver: flush"  # the real shutdown removes our rules, once
+
+
+def test_chains_removed_by_netfilter_mode_off_restart_nothing(tmp_path: Path) -> None:
+    lab = chains_lab(tmp_path)
+    lab.api.answers["GET /localapi/v0/prefs"] = {"NetfilterMode": 0}  # `tailscale set --netfilter-mode=off`
+    flush_tailscaled_chains(lab)
+    reads = lab.chains.reads
+    assert wait_for(lambda: lab.chains.reads >= reads + 3)
+    assert lab.journal.count("child: start") == 1 and not lab.events.emitted[1:]
+    assert lab.stop() == 0
+
+
+def test_chains_that_keep_vanishing_end_the_boot_after_three_restarts(tmp_path: Path) -> None:
+    lab = chains_lab(tmp_path)
+    for n in range(1, 4):
+        flush_tailscaled_chains(lab)
+        assert wait_for(lambda n=n: lab.journal.count("child: start") == n + 1 and lab.chains.counts)
+        lab.wait_log("Startup complete")
+    flush_tailscaled_chains(lab)
+    assert lab.join() == 1
+    assert any(ln.startswith("tailscaled's own netfilter chains were removed (ip filter ts-forward, ip filter "
+                             "ts-input, ip nat ts-postrouting) again, after 3 restarts of tailscaled in 10m0s: "
+                             "something keeps removing them") for ln in lab.lines()), lab.lines()[-3:]
+    assert lab.boot.metrics.tailscaled_restarts == 3
