@@ -76,8 +76,7 @@ def prepare_firewall(s: Settings) -> Firewall:
         return Firewall(detection, driver, env)  # tailscaled itself touches no netfilter in userspace mode
     if detection.fake:
         return Firewall(detection, driver, env)
-    handed = not os.environ.get("TS_DEBUG_FIREWALL_MODE")
-    if handed:
+    if not os.environ.get("TS_DEBUG_FIREWALL_MODE"):
         # tailscaled's own rules (ts-input, ts-forward, ...) land in the same backend as ours.
         env["TS_DEBUG_FIREWALL_MODE"] = detection.backend
     if detection.backend == "iptables":
@@ -85,7 +84,8 @@ def prepare_firewall(s: Settings) -> Firewall:
         if shim:
             env["PATH"] = f"{shim}:{env.get('PATH', '')}"
             log.info(f"tailscaled runs iptables as iptables-legacy (through {shim}), like our rules")
-    # Watched only where we told tailscaled to write (the user's own TS_DEBUG_FIREWALL_MODE may mean elsewhere).
+    # Watched where tailscaled writes in our backend (not where it was told `auto`, and chooses for itself).
+    handed = env.get("TS_DEBUG_FIREWALL_MODE") == detection.backend
     return Firewall(detection, driver, env, tschains.reader(detection.backend, detection.families) if handed else None)
 
 

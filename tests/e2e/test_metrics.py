@@ -4,10 +4,11 @@ and headscale: parsed with prometheus_client's parser, and values that move as t
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.lab.scrape import one, scrape
 from tests.lab.tailnet import Node, Tailnet
 from tests.lab.tailnet_boot import Booted, site
 from tests.lab.wait import wait_for
@@ -15,31 +16,15 @@ from tests.lab.wait import wait_for
 pytestmark = pytest.mark.e2e
 
 ADDR = "127.0.0.1:9002"
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(net: Tailnet, ns: str) -> tuple[Samples, set[str]]:
-    """Every sample by (name, labels), and the names of the families (with their HELP and TYPE)."""
-    text = net.lab.run(ns, "curl", "-sf", "--max-time", "5", f"http://{ADDR}/metrics").stdout
-    samples: Samples = {}
-    names = set()
-    for fam in text_string_to_metric_families(text):
-        names.add(fam.name)
-        for s in fam.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return samples, names
-
-
-def one(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, tuple(sorted(labels.items()))))
 
 
 @pytest.mark.parametrize("backend", ["nftables", "iptables"])
-def test_kernel_mode_metrics_move(net: Tailnet, client: Node, boot: Callable[..., Booted], backend: str) -> None:
+def test_kernel_mode_metrics_move(net: Tailnet, client: Node, boot: Callable[..., Booted], backend: str,
+                                  tmp_path: Path) -> None:
     ns, _, n = site(net, "met")
     name = f"met{n}"
     proxy = boot(ns, name, TS_USERSPACE="false", TS_DEST_IP=f"198.18.{n}.2", TS_DEBUG_FIREWALL_MODE=backend,
-                 TS_ENABLE_METRICS="true", TS_LOCAL_ADDR_PORT=ADDR)
+                 TS_ENABLE_METRICS="true", TS_LOCAL_ADDR_PORT=ADDR, TS_STATE_DIR=str(tmp_path))
     m, names = scrape(net, ns)
     assert {"containerboot_firewall_info", "containerboot_rules", "containerboot_rule_applies",
             "containerboot_drift_repairs", "containerboot_netmap_age_seconds",
@@ -67,12 +52,16 @@ def test_kernel_mode_metrics_move(net: Tailnet, client: Node, boot: Callable[...
                      and a < aged - 1 and a, 20)
     assert fresh, "the netmap age did not start again after a rename"
 
-    # Somebody flushes the rule set: repaired, and counted once.
+    # Somebody flushes the rule set: ours repaired, and counted once; tailscaled's own (its ts-postrouting is
+    # in the nat table too) brought back by a restart of tailscaled, counted once (tests/e2e/test_tailscaled_rules).
+    assert one(m, "containerboot_tailscaled_restarts_total") == 0
     net.lab.run(ns, *(["nft", "flush", "ruleset"] if backend == "nftables" else ["iptables-legacy", "-t", "nat", "-F"]))
     proxy.run.wait_contains("firewall: rules changed outside containerboot", timeout=10)
-    assert wait_for(lambda: one(scrape(net, ns)[0], "containerboot_drift_repairs_total") == 1, 5)
+    proxy.run.wait_contains("tailscaled's netfilter chains are back", timeout=60)
+    assert wait_for(lambda: one(scrape(net, ns)[0], "containerboot_drift_repairs_total") == 1, 10)
     m = scrape(net, ns)[0]
-    assert one(m, "containerboot_rule_applies_total") == 1
+    assert one(m, "containerboot_rule_applies_total") == 1  # the rules outlived tailscaled: not applied again
+    assert one(m, "containerboot_tailscaled_restarts_total") == 1
 
     # Control goes away: the control connection says so; back: up again.
     net.stop_control()
