@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.lab.cluster import NO_LEGACY_XTABLES, NO_LEGACY_XTABLES_PROFILE, OPERATOR_NS, Cluster
+from tests.lab.cluster import METRICS_CLASS, NO_LEGACY_XTABLES, NO_LEGACY_XTABLES_PROFILE, OPERATOR_NS, Cluster
 from tests.lab.expose import Exposed, expose, labels_of, unique, wait_pod_ready, wait_proxy, web_pod
 
 pytestmark = [pytest.mark.root, pytest.mark.docker]
@@ -88,18 +88,61 @@ def seed_case_with_our_image(c: Cluster, proxy_class: str) -> tuple[Exposed, str
     return e, log
 
 
+def pod_events(c: Cluster, pod: str) -> list[dict[str, Any]]:
+    """containerboot's Events on the proxy's Pod, found as `kubectl describe pod` finds them (its field selector)."""
+    query = urllib.parse.quote(f"involvedObject.kind=Pod,involvedObject.name={pod}")
+    items = (c.get(f"/api/v1/namespaces/{OPERATOR_NS}/events?fieldSelector={query}") or {}).get("items") or []
+    return [ev for ev in items if ev["source"].get("component") == "containerboot"]
+
+
 def test_seed_case_with_our_image(cluster: Cluster) -> None:
     e, _ = seed_case_with_our_image(cluster, "ours")
     # The proxy's Pod says which backend it chose, as `kubectl describe pod` shows its Events.
-    query = urllib.parse.quote(f"involvedObject.kind=Pod,involvedObject.name={e.pod}")
-    events = cluster.wait_for(lambda: (cluster.get(f"/api/v1/namespaces/{OPERATOR_NS}/events?fieldSelector={query}")
-                                       or {}).get("items"), 30, "the proxy Pod's Events")
-    ours = [ev for ev in events if ev["source"].get("component") == "containerboot"]
-    assert [(ev["reason"], ev["type"]) for ev in ours] == [("FirewallBackend", "Normal")], events
+    ours = cluster.wait_for(lambda: pod_events(cluster, e.pod), 30, "the proxy Pod's Events")
+    assert [(ev["reason"], ev["type"]) for ev in ours] == [("FirewallBackend", "Normal")], ours
     assert ours[0]["message"].startswith("nftables (nf_tables): "), ours[0]
     print(f"\nkubectl describe pod {e.pod} (Events, containerboot's):")
     print(f"  {'Type':<8} {'Reason':<16} {'From':<14} Message")
     print(f"  {ours[0]['type']:<8} {ours[0]['reason']:<16} {'containerboot':<14} {ours[0]['message']}")
+
+
+def test_a_flushed_ruleset_in_the_proxy_pod_brings_traffic_back(cluster: Cluster) -> None:
+    """`nft flush ruleset` in a LoadBalancer proxy's Pod removes our table and tailscaled's own chains (the
+    masquerade the replies need): ours are put back by the drift check, tailscaled's by restarting it in the
+    container; the page is back within 15 s, and the Pod says so (Events, metrics) without a restart."""
+    c = cluster
+    ns = c.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": unique("flush")}})["metadata"]["name"]
+    web_pod(c, ns, "web")
+    wait_pod_ready(c, ns, "web")
+    e = wait_proxy(c, expose(c, ns, "web", METRICS_CLASS, unique("web-flush")))
+    body = fetch_through_tailnet(c, e, REACH_TIMEOUT)
+    assert body is not None and body.startswith("web "), c.pod_log(OPERATOR_NS, e.pod, "tailscale")[-3000:]
+
+    flushed = time.monotonic()
+    c.in_pod(OPERATOR_NS, e.pod, "nft", "flush", "ruleset")
+    body = fetch_through_tailnet(c, e, 15)
+    took = time.monotonic() - flushed
+    log = c.pod_log(OPERATOR_NS, e.pod, "tailscale")
+    assert body is not None and body.startswith("web "), f"no page 15 s after the flush; proxy log:\n{log[-4000:]}"
+    assert "rules changed outside containerboot" in log and "tailscaled's own netfilter chains were removed" in log
+    back = next(line for line in log.splitlines() if "tailscaled's netfilter chains are back" in line)
+    print(f"\nnft flush ruleset in the proxy Pod -> page through the tailnet again in {took:.1f} s "
+          f"({back.split(', ')[-1]})")
+
+    reasons = {"FirewallBackend": "Normal", "FirewallRulesRestored": "Warning", "TailscaledRestarted": "Warning"}
+    ours = c.wait_for(lambda: (evs := pod_events(c, e.pod)) and {ev["reason"] for ev in evs} == set(reasons) and evs,
+                      30, "the proxy Pod's Events after the flush")
+    assert {ev["reason"]: ev["type"] for ev in ours} == reasons, ours
+    pod = c.get(f"/api/v1/namespaces/{OPERATOR_NS}/pods/{e.pod}")
+    assert pod is not None
+    status = next(s for s in pod["status"]["containerStatuses"] if s["name"] == "tailscale")
+    assert status["restartCount"] == 0, status  # tailscaled restarted inside the container; the container did not
+    text = c.in_pod(OPERATOR_NS, e.pod, "curl", "-sf", "--max-time", "5",
+                    f"http://{pod['status']['podIP']}:9002/metrics").stdout
+    assert "containerboot_tailscaled_restarts_total 1\n" in text and "containerboot_drift_repairs_total 1\n" in text
+    print(f"  {'Type':<8} {'Reason':<22} Message")
+    for ev in sorted(ours, key=lambda ev: ev["reason"]):
+        print(f"  {ev['type']:<8} {ev['reason']:<22} {ev['message'][:150]}")
 
 
 def proxy_container(sts: dict[str, Any]) -> dict[str, Any]:

@@ -75,8 +75,11 @@ IMAGES = {"ours": "containerboot-lab:ours", "upstream-legacy": "containerboot-la
 # kubelet's seccomp directory, and per image a ProxyClass "<image>-no-legacy-xtables" whose proxy runs under it.
 NO_LEGACY_XTABLES = "no-legacy-xtables"
 NO_LEGACY_XTABLES_PROFILE = f"{NO_LEGACY_XTABLES}.json"  # relative to <kubelet root>/seccomp, as Localhost wants
-PROXY_CLASSES = {**{name: (image, False) for name, image in IMAGES.items()},
-                 **{f"{name}-{NO_LEGACY_XTABLES}": (image, True) for name, image in IMAGES.items()}}
+# And "ours-metrics": our image with the ProxyClass's metrics on (TS_ENABLE_METRICS, TS_LOCAL_ADDR_PORT=<pod IP>:9002).
+METRICS_CLASS = "ours-metrics"
+PROXY_CLASSES = {**{name: (image, False, False) for name, image in IMAGES.items()},
+                 **{f"{name}-{NO_LEGACY_XTABLES}": (image, True, False) for name, image in IMAGES.items()},
+                 METRICS_CLASS: (IMAGES["ours"], False, True)}
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -603,8 +606,8 @@ disabled_plugins = ["io.containerd.internal.v1.tracing", "io.containerd.snapshot
                       == 200, 60, "default ServiceAccount in the operator's namespace")
         # The default ProxyClass: the images are imported, never pulled (the operator's proxies ask Always), and
         # there is no cluster DNS, so proxies find the API server from the environment.
-        for name, (image, standin) in PROXY_CLASSES.items():
-            self.apply(proxy_class(name, image, no_legacy_xtables=standin))
+        for name, (image, standin, metrics) in PROXY_CLASSES.items():
+            self.apply(proxy_class(name, image, no_legacy_xtables=standin, metrics=metrics))
         creds = self.dir / "oauth"
         creds.mkdir()
         (creds / "client_id").write_text("lab-client")
@@ -899,7 +902,7 @@ def resource_path(obj: dict[str, Any]) -> str:
     return f"{base}/namespaces/{ns}/{plural}"
 
 
-def proxy_class(name: str, image: str, no_legacy_xtables: bool = False) -> dict[str, Any]:
+def proxy_class(name: str, image: str, no_legacy_xtables: bool = False, metrics: bool = False) -> dict[str, Any]:
     """A ProxyClass running `image` for the proxy and its sysctl init container, never pulled, finding the API
     server from the environment (no cluster DNS here), uploading no logs. With `no_legacy_xtables` the proxy
     container runs on the stand-in for a node without legacy xtables: under the seccomp profile
@@ -917,8 +920,10 @@ def proxy_class(name: str, image: str, no_legacy_xtables: bool = False) -> dict[
         container["securityContext"] = {
             "privileged": False, "capabilities": {"add": ["NET_ADMIN", "NET_RAW"]},
             "seccompProfile": {"type": "Localhost", "localhostProfile": NO_LEGACY_XTABLES_PROFILE}}
-    return {"apiVersion": "tailscale.com/v1alpha1", "kind": "ProxyClass", "metadata": {"name": name},
-            "spec": {"statefulSet": {"pod": {"tailscaleContainer": container, "tailscaleInitContainer": pull}}}}
+    spec: dict[str, Any] = {"statefulSet": {"pod": {"tailscaleContainer": container, "tailscaleInitContainer": pull}}}
+    if metrics:
+        spec["metrics"] = {"enable": True}
+    return {"apiVersion": "tailscale.com/v1alpha1", "kind": "ProxyClass", "metadata": {"name": name}, "spec": spec}
 
 
 # Socket option levels and the legacy xtables option numbers (linux/netfilter_ipv4/ip_tables.h, ip6_tables.h):
