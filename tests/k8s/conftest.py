@@ -32,5 +32,6 @@ def cluster() -> Iterator[Cluster]:
     lack = missing()
     need(not lack, f"the Kubernetes lab lacks: {', '.join(lack)}")
     with Cluster() as c:
-        print("k8s lab start: " + ", ".join(f"{k} {v:.1f} s" for k, v in c.timings.items()))
+        print("k8s lab start: " + ", ".join(f"{k} {v:.1f} s" for k, v in c.timings.items())
+              + f"; its processes' RSS {c.rss_mib():.0f} MiB")
         yield c

@@ -362,6 +362,18 @@ class Cluster:
         self._mark("tailnet client", t)
         self.timings["total"] = time.monotonic() - self.t0
 
+    def rss_mib(self) -> float:
+        """The resident memory of the lab's own processes (control plane, node, operator), now."""
+        from tests.lab.procfs import figures
+
+        total = 0
+        for proc in self.procs.values():
+            try:
+                total += figures(proc.pid).rss_kib
+            except OSError:
+                continue
+        return total / 1024
+
     def _nsenter(self, argv: list[str]) -> list[str]:
         return ["nsenter", f"--net=/run/netns/{self.node_ns}", "--", *argv]
 
