@@ -179,12 +179,16 @@ def status(as_json: bool) -> None:
     """Print the rules containerboot owns in the detected backend, as read back from the kernel."""
     from firewall.detect import make_driver
 
-    detection = _detection(settings_or_exit())
+    from containerboot import proxy
+
+    settings = settings_or_exit()
+    detection = _detection(settings)
     found = make_driver(detection).installed()
+    notes = [proxy.cross_family(settings.dest_ip)] if settings.dest_ip else []
     if as_json:
-        click.echo(json.dumps({"backend": detection.backend, "rules": found.to_json()}))
+        click.echo(json.dumps({"backend": detection.backend, "rules": found.to_json(), "notes": notes}))
     else:
-        click.echo(f"{detection.variant}\n{found}")
+        click.echo("\n".join([detection.variant, str(found), *notes]))
 
 
 @commands.command()

@@ -31,6 +31,20 @@ def _local(addrs: Sequence[IPAddress], fam: int) -> IPAddress | None:
     return next((a for a in addrs if a.version == fam), None)
 
 
+def cross_family(dst: IPAddress, local: IPAddress | None = None, other: IPAddress | None = None) -> str:
+    """The one line for TS_DEST_IP `dst`, whose family leaves the proxy's tailnet address of the other
+    family (`other`) forwarding nothing: netfilter's NAT cannot translate between IPv4 and IPv6. Upstream says
+    it only for an IPv6 Service address (tailscale/tailscale#12156), and only as "you might need to"."""
+    fam, alt = (4, 6) if dst.version == 4 else (6, 4)
+    where = str(local) if local else f"the proxy's IPv{fam} tailnet address"
+    line = (f"TS_DEST_IP {dst} is IPv{fam}: this proxy's IPv{alt} tailnet address{f' {other}' if other else ''} "
+            f"forwards nothing (netfilter cannot translate IPv{alt} to IPv{fam}); clients reach the Service at {where}")
+    if fam == 6:
+        line += (", and IPv4 clients need a Service whose first family is IPv4 (ipFamilies: [IPv4, IPv6]; "
+                 "the operator forwards to the first ClusterIP). See https://github.com/tailscale/tailscale/issues/12156")
+    return line
+
+
 def egress_targets(settings: Settings, resolved: Iterable[IPAddress] = ()) -> tuple[IPAddress, ...]:
     if settings.tailnet_target_ip:
         return (settings.tailnet_target_ip,)
@@ -52,10 +66,9 @@ def plan(settings: Settings, inputs: Inputs, families: Iterable[int] = (4, 6)) -
         if local is None:
             raise ProxyError(f"installing ingress proxy rules: no tailscale IP matching family of {dst} "
                              f"found in {go_prefixes(addrs)}")
-        if dst.version == 6 and _local(addrs, 4):
-            notes.append("Warning: proxy backend ClusterIP is an IPv6 address and the proxy has a IPv4 tailnet "
-                         "address. You might need to disable IPv4 address allocation for the proxy for "
-                         "forwarding to work. See https://github.com/tailscale/tailscale/issues/12156")
+        other = _local(addrs, 10 - dst.version)
+        if other is not None:
+            notes.append(cross_family(dst, local, other))
         rules += [Dnat(local, (dst,)), MssClamp(dst.version)]
 
     for fam in (4, 6):

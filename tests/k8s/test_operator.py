@@ -12,34 +12,24 @@ from typing import Any
 import pytest
 
 from tests.lab.cluster import METRICS_CLASS, NO_LEGACY_XTABLES, NO_LEGACY_XTABLES_PROFILE, OPERATOR_NS, Cluster
-from tests.lab.expose import Exposed, expose, labels_of, unique, wait_pod_ready, wait_proxy, web_pod
+from tests.lab.expose import (
+    FETCH,
+    Exposed,
+    expose,
+    fetch_from,
+    fetch_through_tailnet,
+    labels_of,
+    run_pod,
+    unique,
+    wait_pod_ready,
+    wait_proxy,
+    web_pod,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.docker]
 
 REACH_TIMEOUT = 60.0  # how long a proxy may take from device_ips to serving, at most
 NO_TRAFFIC_FOR = 20.0  # how long the failing image is given before "no traffic" is concluded
-
-
-def fetch_through_tailnet(c: Cluster, e: Exposed, timeout: float) -> str | None:
-    """What the tailnet client gets from the proxy's first tailnet address on port 80 within `timeout`."""
-    assert e.secret is not None
-    return fetch_from(c, json.loads(e.secret["device_ips"])[0], timeout)
-
-
-def fetch_from(c: Cluster, ip: str, timeout: float) -> str | None:
-    """What the tailnet client gets from http://`ip`/ within `timeout` (None: nothing)."""
-    assert c.tailnet is not None and c.client is not None
-    got: list[str | None] = [None]
-
-    def attempt() -> bool:
-        assert c.tailnet is not None and c.client is not None
-        got[0] = c.tailnet.fetch(c.client.ns, f"http://{ip}/", timeout=2.0)
-        return bool(got[0])
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not attempt():
-        time.sleep(0.3)
-    return got[0]
 
 
 def proxy_rules(c: Cluster, e: Exposed) -> tuple[str, str]:
@@ -321,30 +311,6 @@ def test_deleting_the_service_removes_the_proxy_and_the_device(cluster: Cluster)
     c.wait_for(lambda: c.tailnet is not None and c.tailnet.node_by_name(hostname) is None, 30,
                f"the device {hostname} to go from headscale")
     print(f"\ndevice {device_id} deleted; admin API calls:\n{c.tailnet.api_log.read_text()}")
-
-
-def run_pod(c: Cluster, ns: str, name: str, code: str, timeout: float = 60) -> str:
-    """Runs `code` in our image's Python as a one-shot pod and returns its output."""
-    c.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns},
-             "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 0, "containers": [{
-                 "name": "main", "image": "containerboot-lab:ours", "imagePullPolicy": "IfNotPresent",
-                 "command": ["python3", "-c", code]}]}})
-    c.wait_for(lambda: (c.get(f"/api/v1/namespaces/{ns}/pods/{name}") or {}).get("status", {}).get("phase")
-               in ("Succeeded", "Failed"), timeout, f"pod {ns}/{name} to finish")
-    return c.pod_log(ns, name, "main")
-
-
-FETCH = """
-import sys, time, urllib.request
-url, deadline = sys.argv[1] if len(sys.argv) > 1 else "{url}", time.monotonic() + {timeout}
-while True:
-    try:
-        print(urllib.request.urlopen(url, timeout=3).read().decode().strip()); break
-    except OSError as e:
-        if time.monotonic() > deadline:
-            print("failed:", e); break
-        time.sleep(0.5)
-"""
 
 
 def test_egress_externalname_service_reaches_a_tailnet_node(cluster: Cluster) -> None:

@@ -1,15 +1,17 @@
-"""A real single-node Kubernetes cluster with the Tailscale operator, in network namespaces, for tests/k8s and
-`make demo-k8s` (issue 12). Every piece is the real program, built by scripts/build-go.sh and
-scripts/k8s-images.sh at the versions in versions.env; nothing is pulled from a registry.
+"""A real single-node dual-stack Kubernetes cluster with the Tailscale operator, in network namespaces, for
+tests/k8s and `make demo-k8s` (issues 12 and 20). Every piece is the real program, built by scripts/build-go.sh
+and scripts/k8s-images.sh at the versions in versions.env; nothing is pulled from a registry.
 
-  lan (bridge br0, 198.18.0.0/24; no route beyond it)
+  lan (bridge br0, 198.18.0.0/24 and fd18::/64; no route beyond it)
    |-- hs      198.18.0.2   headscale (HTTPS :443, DERP, STUN :3478) behind the admin-API shim on :80
-   |                        (tests/lab/adminapi.py): the operator's control URL and API base, http://198.18.0.2
+   |           fd18::2      (tests/lab/adminapi.py): the operator's control URL and API base, http://198.18.0.2
    |-- node    198.18.0.10  the node: etcd, kube-apiserver (:6443), kube-controller-manager, kube-scheduler,
-   |                        containerd (a second one, Debian's, with its own root/state/socket), kubelet,
+   |           fd18::10     containerd (a second one, Debian's, with its own root/state/socket), kubelet,
    |                        kube-proxy --proxy-mode=nftables, the operator; pods on the CNI bridge cni0
-   |                        (198.18.64.0/24, masqueraded out), Services in 198.18.96.0/24
+   |                        (198.18.64.0/24 and fd18:64::/64, routed on the LAN), Services in 198.18.96.0/24
+   |                        and fd18:96::/112 (IPv4 the primary family)
    |-- client  198.18.0.3   a tailnet node (real tailscaled) that fetches through the operator's proxies
+               fd18::3
 
 The node is a network namespace only: its processes are started with `nsenter --net`, so they share the
 machine's mount namespace, which the kubelet needs (its volume mounts must be seen by containerd and runc). The
@@ -66,6 +68,12 @@ CLIENT_IP = "198.18.0.3"
 POD_CIDR = "198.18.64.0/24"
 SERVICE_CIDR = "198.18.96.0/24"
 KUBERNETES_SERVICE_IP = "198.18.96.1"
+# IPv6: the LAN, the pods and the Services each get a range beside the IPv4 one (a ULA range, as in the netns lab).
+LAN6 = {"hs": "fd18::2", "node": "fd18::10", "client": "fd18::3"}
+NODE_IP6 = LAN6["node"]
+POD_CIDR6 = "fd18:64::/64"
+SERVICE_CIDR6 = "fd18:96::/112"
+KUBERNETES_SERVICE_IP6 = "fd18:96::1"
 API_PORT = 6443
 TAILNET_DOMAIN = "lab.ts.net"  # the operator only accepts MagicDNS names of the form <tailnet>.ts.net
 OPERATOR_NS = "tailscale"
@@ -166,7 +174,7 @@ class _NetnsHTTPS(http.client.HTTPSConnection):
 
 HEADSCALE_CONFIG = """
 server_url: {url}
-listen_addr: {ip}:443
+listen_addr: "[::]:443"
 tls_cert_path: {d}/control.crt
 tls_key_path: {d}/control.key
 metrics_listen_addr: 127.0.0.1:9090
@@ -184,10 +192,11 @@ derp:
     region_id: 999
     region_code: lab
     region_name: Lab DERP (headscale's embedded server)
-    stun_listen_addr: {ip}:3478
+    stun_listen_addr: "[::]:3478"
     private_key_path: {d}/derp_server_private.key
     automatically_add_embedded_derp_region: false
     ipv4: {ip}
+    ipv6: {ip6}
   urls: []
   paths: [{d}/derp.yaml]
   auto_update_enabled: false
@@ -236,7 +245,7 @@ class K8sTailnet(Tailnet):
            "-days", "3", "-subj", "/CN=containerboot k8s lab control", "-addext", f"subjectAltName=IP:{CONTROL_IP}",
            "-keyout", str(self.dir / "control.key"), "-out", str(self.dir / "control.crt"))
         cfg.write_text(HEADSCALE_CONFIG.format(url=CONTROL_URL, d=self.dir,
-                                               domain=TAILNET_DOMAIN, ip=CONTROL_IP))
+                                               domain=TAILNET_DOMAIN, ip=CONTROL_IP, ip6=LAN6["hs"]))
         # Everyone may reach everyone, tagged nodes included (with no policy, headscale gave the operator's tagged
         # proxies an empty packet filter: they could dial out but accepted nothing). The tags the operator asks
         # for need owners.
@@ -248,7 +257,8 @@ class K8sTailnet(Tailnet):
         # "last netcheck reported send error", and no WireGuard packet got through.)
         (self.dir / "derp.yaml").write_text(
             "regions:\n  999:\n    regionid: 999\n    regioncode: lab\n    regionname: Lab DERP\n    nodes:\n"
-            f"      - {{name: 999a, regionid: 999, hostname: '{CONTROL_IP}', ipv4: '{CONTROL_IP}', derpport: 443,"
+            f"      - {{name: 999a, regionid: 999, hostname: '{CONTROL_IP}', ipv4: '{CONTROL_IP}',"
+            f" ipv6: '{LAN6['hs']}', derpport: 443,"
             " stunport: 3478, insecurefortests: true}\n")
         log = open(self.dir / "headscale.log", "w")  # noqa: SIM115 - closed with the process
         self.headscale = self.lab.spawn(self.hs, [self.bins["headscale"], "serve", "-c", str(cfg)],
@@ -331,8 +341,11 @@ class Cluster:
         # pod's own endpoint, and see its packets come from it (masqueraded, WireGuard from an unknown address
         # is dropped).
         self.client_ns = self.tailnet.attach("client", CLIENT_IP)
+        for name, ns in (("hs", self.tailnet.hs), ("node", self.node_ns), ("client", self.client_ns)):
+            self.lab.addr(ns, "eth0", f"{LAN6[name]}/64")
         for ns in (self.tailnet.hs, self.client_ns):
             self.lab.route(ns, POD_CIDR, NODE_IP)
+            self.lab.route(ns, POD_CIDR6, NODE_IP6)
         self._mark("tailnet", t)
         t = time.monotonic()
         self._credentials()
@@ -397,7 +410,8 @@ class Cluster:
         d = self.dir
         _make_ca(d, "ca")
         _make_cert(d, "serving", "ca", "/CN=kube-apiserver",
-                   f"subjectAltName=IP:{NODE_IP},IP:127.0.0.1,IP:{KUBERNETES_SERVICE_IP},DNS:localhost,"
+                   f"subjectAltName=IP:{NODE_IP},IP:{NODE_IP6},IP:127.0.0.1,IP:{KUBERNETES_SERVICE_IP},"
+                   f"IP:{KUBERNETES_SERVICE_IP6},DNS:localhost,"
                    "DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,"
                    "DNS:kubernetes.default.svc.cluster.local\n"
                    "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth")
@@ -443,7 +457,7 @@ class Cluster:
             "--api-audiences=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={d / 'sa.pub'}", f"--service-account-signing-key-file={d / 'sa.key'}",
             "--authorization-mode=Node,RBAC", "--allow-privileged=true",
-            f"--service-cluster-ip-range={SERVICE_CIDR}", f"--cert-dir={d / 'apiserver-certs'}",
+            f"--service-cluster-ip-range={SERVICE_CIDR},{SERVICE_CIDR6}", f"--cert-dir={d / 'apiserver-certs'}",
             "--profiling=false"])
         self._wait("kube-apiserver", lambda: self._get_ok("/readyz"), timeout=90)
 
@@ -462,7 +476,7 @@ class Cluster:
             "--controllers=*", f"--service-account-private-key-file={d / 'sa.key'}",
             f"--root-ca-file={d / 'ca.crt'}", f"--cluster-signing-cert-file={d / 'client-ca.crt'}",
             f"--cluster-signing-key-file={d / 'client-ca.key'}", "--use-service-account-credentials",
-            "--leader-elect=false", f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--leader-elect=false", f"--service-cluster-ip-range={SERVICE_CIDR},{SERVICE_CIDR6}",
             "--bind-address=127.0.0.1", "--secure-port=10257", "--profiling=false"])
         self._spawn("kube-scheduler", [
             binaries()["kube-scheduler"], f"--kubeconfig={d / 'scheduler.kubeconfig'}",
@@ -493,8 +507,8 @@ class Cluster:
         (d / "cni" / "net.d" / "10-lab.conflist").write_text(json.dumps({
             "cniVersion": "0.4.0", "name": "lab", "plugins": [
                 {"type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": False, "hairpinMode": True,
-                 "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_CIDR}]],
-                          "routes": [{"dst": "0.0.0.0/0"}], "dataDir": str(d / "cni" / "ipam")}},
+                 "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_CIDR}], [{"subnet": POD_CIDR6}]],
+                          "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}], "dataDir": str(d / "cni" / "ipam")}},
                 {"type": "portmap", "capabilities": {"portMappings": True}}]}))
         pause = f"docker.io/containerboot-lab/pause:{pinned()['KUBERNETES_VERSION']}"
         # restrict_oom_score_adj: root here lacks CAP_SYS_RESOURCE, and runc fails every sandbox that asks
@@ -577,7 +591,7 @@ disabled_plugins = ["io.containerd.internal.v1.tracing", "io.containerd.snapshot
         self._spawn("kubelet", [
             binaries()["kubelet"], f"--config={d / 'kubelet.yaml'}", f"--kubeconfig={d / 'node.kubeconfig'}",
             f"--root-dir={self.kubelet_root}", f"--cert-dir={d / 'kubelet-certs'}",
-            f"--hostname-override={NODE_NAME}", f"--node-ip={NODE_IP}"],
+            f"--hostname-override={NODE_NAME}", f"--node-ip={NODE_IP},{NODE_IP6}"],
             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
 
     def _kube_proxy(self) -> None:
@@ -585,7 +599,7 @@ disabled_plugins = ["io.containerd.internal.v1.tracing", "io.containerd.snapshot
         (d / "kube-proxy.yaml").write_text(json.dumps({
             "apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration",
             "mode": "nftables", "clientConnection": {"kubeconfig": str(d / "proxy.kubeconfig")},
-            "hostnameOverride": NODE_NAME, "clusterCIDR": POD_CIDR,
+            "hostnameOverride": NODE_NAME, "clusterCIDR": f"{POD_CIDR},{POD_CIDR6}",
             "healthzBindAddress": "127.0.0.1:10256", "metricsBindAddress": "127.0.0.1:10249",
             # conntrack sysctls are the machine's, not the namespace's: leave them alone.
             "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s",

@@ -6,6 +6,7 @@ Secret with the device's name and addresses.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -13,17 +14,20 @@ from typing import Any
 
 from tests.lab.cluster import OPERATOR_NS, Cluster
 
-# A web server in our image's Python: answers "web <client address>" so a test sees where a request came from.
+# A web server in our image's Python: answers "web <client address>" so a test sees where a request came from;
+# on both families (one IPv6 socket that takes IPv4 too, whose IPv4 clients it names without the ::ffff: prefix).
 WEB_SERVER = """
-import http.server, socketserver
+import http.server, socket, socketserver
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        body = ("web " + self.client_address[0] + "\\n").encode()
+        body = ("web " + self.client_address[0].removeprefix("::ffff:") + "\\n").encode()
         self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
         self.wfile.write(body)
     def log_message(self, *a): pass
-socketserver.TCPServer.allow_reuse_address = True
-http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
+class S(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    allow_reuse_address = True
+S(("::", 8080), H).serve_forever()
 """
 
 
@@ -66,12 +70,17 @@ def wait_pod_ready(c: Cluster, ns: str, name: str, timeout: float = 60) -> dict[
     return dict(c.wait_for(ready, timeout, f"pod {ns}/{name} Ready"))
 
 
-def expose(c: Cluster, ns: str, app: str, proxy_class: str, hostname: str) -> Exposed:
-    """A LoadBalancer Service with loadBalancerClass tailscale in front of pod `app`, proxied with `proxy_class`."""
+def expose(c: Cluster, ns: str, app: str, proxy_class: str, hostname: str, families: dict[str, Any] | None = None,
+           annotated: bool = False) -> Exposed:
+    """A LoadBalancer Service with loadBalancerClass tailscale in front of pod `app`, proxied with `proxy_class`;
+    with `annotated`, a ClusterIP Service with `tailscale.com/expose: "true"` instead. `families`: the Service's
+    ipFamilyPolicy and ipFamilies (the cluster's primary family alone when not given)."""
+    annotations = {"tailscale.com/hostname": hostname, **({"tailscale.com/expose": "true"} if annotated else {})}
+    kind = {"type": "ClusterIP"} if annotated else {"type": "LoadBalancer", "loadBalancerClass": "tailscale"}
     svc = {"apiVersion": "v1", "kind": "Service",
            "metadata": {"name": app, "namespace": ns, "labels": {"tailscale.com/proxy-class": proxy_class},
-                        "annotations": {"tailscale.com/hostname": hostname}},
-           "spec": {"type": "LoadBalancer", "loadBalancerClass": "tailscale", "selector": {"app": app},
+                        "annotations": annotations},
+           "spec": {**kind, **(families or {}), "selector": {"app": app},
                     "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}}
     created = time.monotonic()
     c.apply(svc)
@@ -97,6 +106,52 @@ def wait_proxy(c: Cluster, e: Exposed, timeout: float = 120) -> Exposed:
         raise AssertionError(f"{err}\n--- proxy log:\n{c.pod_log(OPERATOR_NS, e.pod, 'tailscale')[-4000:]}"
                              f"\n--- operator log:\n{c.log('operator', 15)}") from None
     return e
+
+
+def fetch_through_tailnet(c: Cluster, e: Exposed, timeout: float) -> str | None:
+    """What the tailnet client gets from the proxy's first tailnet address on port 80 within `timeout`."""
+    assert e.secret is not None
+    return fetch_from(c, json.loads(e.secret["device_ips"])[0], timeout)
+
+
+def fetch_from(c: Cluster, ip: str, timeout: float) -> str | None:
+    """What the tailnet client gets from http://`ip`/ within `timeout` (None: nothing)."""
+    assert c.tailnet is not None and c.client is not None
+    got: list[str | None] = [None]
+
+    def attempt() -> bool:
+        assert c.tailnet is not None and c.client is not None
+        got[0] = c.tailnet.fetch(c.client.ns, f"http://[{ip}]/" if ":" in ip else f"http://{ip}/", timeout=2.0)
+        return bool(got[0])
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not attempt():
+        time.sleep(0.3)
+    return got[0]
+
+
+def run_pod(c: Cluster, ns: str, name: str, code: str, timeout: float = 60) -> str:
+    """Runs `code` in our image's Python as a one-shot pod and returns its output."""
+    c.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns},
+             "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 0, "containers": [{
+                 "name": "main", "image": "containerboot-lab:ours", "imagePullPolicy": "IfNotPresent",
+                 "command": ["python3", "-c", code]}]}})
+    c.wait_for(lambda: (c.get(f"/api/v1/namespaces/{ns}/pods/{name}") or {}).get("status", {}).get("phase")
+               in ("Succeeded", "Failed"), timeout, f"pod {ns}/{name} to finish")
+    return c.pod_log(ns, name, "main")
+
+
+FETCH = """
+import sys, time, urllib.request
+url, deadline = sys.argv[1] if len(sys.argv) > 1 else "{url}", time.monotonic() + {timeout}
+while True:
+    try:
+        print(urllib.request.urlopen(url, timeout=3).read().decode().strip()); break
+    except OSError as e:
+        if time.monotonic() > deadline:
+            print("failed:", e); break
+        time.sleep(0.5)
+"""
 
 
 def unique(prefix: str) -> str:

@@ -319,3 +319,32 @@ def test_iptables_chain_entries_are_the_rendering_encoded(plan: Plan, dnat: int)
         for spec in iptables.render(plan, fam):
             slow[spec.chain].append(iptables.encode(fam, spec, rev))
         assert iptables.chain_entries(plan, fam, rev) == slow
+
+
+def test_ingress_says_what_the_other_family_forwards() -> None:
+    """Netfilter cannot NAT between IPv4 and IPv6: the tailnet address of the other family forwards nothing,
+    and one line says which, for which Service address, and where clients do reach it."""
+    s = load({"TS_USERSPACE": "false", "TS_DEST_IP": "10.0.0.5"})
+    plan, notes = proxy.plan(s, proxy.Inputs((TS4, TS6)))
+    assert notes == [f"TS_DEST_IP 10.0.0.5 is IPv4: this proxy's IPv6 tailnet address {TS6} forwards nothing "
+                     f"(netfilter cannot translate IPv6 to IPv4); clients reach the Service at {TS4}"]
+    assert {r.family for r in plan.rules} == {4}  # nothing half-installed for IPv6
+    assert proxy.plan(s, proxy.Inputs((TS4,)))[1] == []  # a node without an IPv6 address: nothing to say
+    v6 = load({"TS_USERSPACE": "false", "TS_DEST_IP": "fd18:96::5"})
+    plan, notes = proxy.plan(v6, proxy.Inputs((TS4, TS6)))
+    assert len(notes) == 1 and notes[0].startswith(f"TS_DEST_IP fd18:96::5 is IPv6: this proxy's IPv4 tailnet address "
+                                                   f"{TS4} forwards nothing")
+    assert {r.family for r in plan.rules} == {6}
+
+
+@pytest.mark.parametrize("command", [["plan", "--tailnet-ip", "100.64.0.5", "--tailnet-ip", "fd7a:115c:a1e0::5"],
+                                     ["status"]])
+def test_plan_and_status_say_it_too(command: list[str]) -> None:
+    from click.testing import CliRunner
+
+    from containerboot.commands import commands as main
+
+    result = CliRunner().invoke(main, command, env={"TS_USERSPACE": "false", "TS_DEST_IP": "fd18:96::5",
+                                                    "TS_TEST_FAKE_NETFILTER": "1", "TS_STATE_DIR": ""})
+    assert result.exit_code == 0, result.output
+    assert "TS_DEST_IP fd18:96::5 is IPv6: this proxy's IPv4 tailnet address" in result.output
