@@ -19,6 +19,8 @@ bench: go
 	$(PY) bench/bench_egress.py
 	$(PY) bench/bench_egress.py --backend iptables
 	$(PY) bench/bench_metrics.py
+	$(PY) bench/bench_tschains.py
+	$(PY) bench/bench_tschains.py --foreign 1000
 	# The same rule installs in the linux/386 image (32-bit Python and iptables-legacy-restore, natively).
 	scripts/base-image.sh linux/386 >/dev/null
 	$(PY) bench/bench_apply.py --scenario ingress --sizes 1000,10000 --image $$(PLATFORM=linux/386 \

@@ -177,9 +177,8 @@ def flush() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(as_json: bool) -> None:
     """Print the rules containerboot owns in the detected backend, as read back from the kernel."""
-    from firewall.detect import make_driver
-
     from containerboot import proxy
+    from firewall.detect import make_driver
 
     settings = settings_or_exit()
     detection = _detection(settings)

@@ -7,9 +7,10 @@ packets, which an ingress proxy's replies need to find their way back). It insta
 router starts, and never looks again: a whole-ruleset flush or a firewall reload removes them for good.
 The boot watches them with this reader (containerboot/boot/tailscaled_rules.py) and decides what to do.
 
-Both readers are cheap enough for the 2-second drift check: nftables answers a filtered rule dump over
-netlink per chain (no libnftables, no listing of anybody's table); the legacy tables are read with the
-socket option iptables-legacy-save uses, once per table (a container's own tables are small).
+Both readers are cheap beside the 2-second drift check (bench/bench_tschains.py: 0.1 ms for nftables, a
+filtered rule dump over netlink per chain, no libnftables, no listing of anybody's table; 0.16 ms for legacy,
+whose filter and nat tables are read with the socket option iptables-legacy-save uses and parsed whole, 1.2
+ms beside 1,000 foreign rules).
 """
 
 from __future__ import annotations

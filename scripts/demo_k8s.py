@@ -1,8 +1,9 @@
-"""The second main job: the Tailscale operator's proxies on a real single-node Kubernetes whose kube-proxy runs in
-nftables mode (tests/lab/cluster.py), the seed's case run once with each image side by side: a LoadBalancer
-Service of class tailscale in front of a web server pod, and a tailnet client fetching the page through the
-operator's proxy. Prints the lab's start time and, per image, the time from Service created to page fetched,
-what containerboot chose and where its rules are. Cleans up after itself.
+"""The second main job: the Tailscale operator's proxies on a real single-node dual-stack Kubernetes whose
+kube-proxy runs in nftables mode (tests/lab/cluster.py), the seed's case run once with each image side by side: a
+LoadBalancer Service of class tailscale in front of a web server pod, and a tailnet client fetching the page
+through the operator's proxy. Prints the lab's start time and, per image, the time from Service created to page
+fetched, what containerboot chose and where its rules are. Then the same with an IPv6-only Service for ours and
+upstream's nf_tables image, fetched over the proxy's IPv6 tailnet address. Cleans up after itself.
 
 Two of the runs are on a STAND-IN node: this machine's kernel has legacy iptables built in, so upstream's legacy
 image works here; the ProxyClasses "<image>-no-legacy-xtables" run the proxy under a seccomp profile that fails
@@ -31,12 +32,15 @@ from tests.lab.cluster import NO_LEGACY_XTABLES, OPERATOR_NS, Cluster, missing  
 from tests.lab.expose import expose, labels_of, unique, wait_pod_ready, wait_proxy, web_pod  # noqa: E402
 
 STANDIN = "on the stand-in node without legacy xtables"
+IPV6 = "ipv6"  # the suffix of a run whose Service is IPv6 only
 VARIANTS = [
     ("ours", "this project's image"),
     ("upstream-legacy", "upstream's containerboot, iptables = legacy (the seed's image)"),
     ("upstream-nft", "upstream's containerboot, iptables = nf_tables"),
     (f"upstream-legacy-{NO_LEGACY_XTABLES}", f"the seed's image {STANDIN}"),
     (f"ours-{NO_LEGACY_XTABLES}", f"this project's image {STANDIN}"),
+    (f"ours {IPV6}", "this project's image, an IPv6-only Service"),
+    (f"upstream-nft {IPV6}", "upstream's containerboot (nf_tables), an IPv6-only Service"),
 ]
 REACH_TIMEOUT = 60.0
 NO_DEVICE_IPS_FOR = 45.0  # how long a proxy that joined may take to write device_ips before the demo moves on
@@ -56,20 +60,24 @@ def decision(log: str) -> str:
     return "; ".join(picks[:3]) or "(no firewall line in its log)"
 
 
-def run_variant(c: Cluster, proxy_class: str, what: str) -> tuple[float | None, str]:
+def run_variant(c: Cluster, variant: str, what: str) -> tuple[float | None, str]:
     assert c.tailnet is not None and c.client is not None
+    proxy_class, _, family = variant.partition(" ")
+    v6 = family == IPV6
     ns = c.apply({"apiVersion": "v1", "kind": "Namespace",
                   "metadata": {"name": unique(proxy_class)}})["metadata"]["name"]
     web_pod(c, ns, "web")
     wait_pod_ready(c, ns, "web")
-    say(f"[{proxy_class}] {what}: creating Service {ns}/web (type LoadBalancer, loadBalancerClass tailscale)")
+    say(f"[{variant}] {what}: creating Service {ns}/web (type LoadBalancer, loadBalancerClass tailscale)")
     hostname = unique("web")
-    e = expose(c, ns, "web", proxy_class, hostname)
+    e = expose(c, ns, "web", proxy_class, hostname,
+               {"ipFamilyPolicy": "SingleStack", "ipFamilies": ["IPv6"]} if v6 else None)
     tailnet = c.tailnet
     node = c.wait_for(lambda: tailnet.node_by_name(hostname), 120, f"the proxy {hostname} in headscale")
     joined = time.monotonic() - e.created
-    ip = next(a for a in node.get("ip_addresses") or [] if ":" not in a)
-    say(f"[{proxy_class}] proxy joined the tailnet as {hostname} {ip} ({joined:.1f} s after the Service)")
+    ip = next(a for a in node.get("ip_addresses") or [] if (":" in a) == v6)
+    url = f"http://[{ip}]/" if v6 else f"http://{ip}/"
+    say(f"[{variant}] proxy joined the tailnet as {hostname} {ip} ({joined:.1f} s after the Service)")
     fetch_for = REACH_TIMEOUT
     try:
         wait_proxy(c, e, timeout=NO_DEVICE_IPS_FOR)
@@ -81,28 +89,32 @@ def run_variant(c: Cluster, proxy_class: str, what: str) -> tuple[float | None, 
         restarts = sum(int(x.get("restartCount", 0)) for x in pod.get("status", {}).get("containerStatuses") or []
                        if x["name"] == "tailscale")
         short = failure if len(failure) < 300 else failure[:90] + " ... " + failure[-190:]
-        say(f"[{proxy_class}] no device_ips in its Secret within {NO_DEVICE_IPS_FOR:.0f} s; container restarted "
+        say(f"[{variant}] no device_ips in its Secret within {NO_DEVICE_IPS_FOR:.0f} s; container restarted "
             f"{restarts} times; its error: {short}")
         fetch_for = 20.0
     deadline = time.monotonic() + fetch_for
     body = None
     while time.monotonic() < deadline and body is None:
-        body = c.tailnet.fetch(c.client.ns, f"http://{ip}/", timeout=2.0)
+        body = c.tailnet.fetch(c.client.ns, url, timeout=2.0)
         if body is None:
             time.sleep(0.3)
     reached = time.monotonic() - e.created if body else None
     log = c.pod_log(OPERATOR_NS, e.pod, "tailscale")
-    say(f"[{proxy_class}] containerboot: {decision(log)}")
+    say(f"[{variant}] containerboot: {decision(log)}")
+    across = next((line.split("boot: ", 1)[-1].split(" ", 2)[-1] for line in log.splitlines()
+                   if "forwards nothing (netfilter cannot translate" in line), "")
+    if across:
+        say(f"[{variant}] {across[:260]}")
     svc_ip = (c.get(f"/api/v1/namespaces/{ns}/services/web") or {}).get("spec", {}).get("clusterIP", "?")
     nft = c.in_pod(OPERATOR_NS, e.pod, "nft", "list", "ruleset", check=False).stdout
     legacy = c.in_pod(OPERATOR_NS, e.pod, "iptables-legacy-save", check=False).stdout
     where = [name for name, text in (("nf_tables", nft), ("legacy iptables", legacy)) if svc_ip in text]
-    say(f"[{proxy_class}] DNAT to the Service's cluster IP {svc_ip} is in: {', '.join(where) or 'nowhere'}")
+    say(f"[{variant}] DNAT to the Service's cluster IP {svc_ip} is in: {', '.join(where) or 'nowhere'}")
     if body:
-        say(f"[{proxy_class}] client fetched http://{ip}/ through the tailnet: {body!r}, "
+        say(f"[{variant}] client fetched {url} through the tailnet: {body!r}, "
             f"{reached:.1f} s after the Service was created")
     else:
-        say(f"[{proxy_class}] client got nothing from http://{ip}/ within {fetch_for:.0f} s")
+        say(f"[{variant}] client got nothing from {url} within {fetch_for:.0f} s")
     c.delete(f"/api/v1/namespaces/{ns}/services/web")
     c.wait_for(lambda: not c.list_items(f"/apis/apps/v1/namespaces/{OPERATOR_NS}/statefulsets", labels_of(ns, "web")),
                60, "the proxy's StatefulSet to go")
@@ -144,7 +156,7 @@ def main() -> int:
         shown = ", ".join(f"{v:.1f}" for v in values)
         median = f"{statistics.median(values):.1f} s" if values else "n/a"
         say(f"  {proxy_class:16} median {median} of {len(values)}/{args.repeat} runs: {shown}")
-    ours = results["ours"][0] is not None and results[f"ours-{NO_LEGACY_XTABLES}"][0] is not None
+    ours = all(results[v][0] is not None for v in ("ours", f"ours-{NO_LEGACY_XTABLES}", f"ours {IPV6}"))
     return 0 if ours else 1
 
 

@@ -141,3 +141,163 @@ def test_egress_to_a_tailnet_address_of_each_family_and_a_name(cluster: Cluster,
                       timeout=REACH_TIMEOUT + 30)
         print(f"\n{image}, egress to {value} through the proxy's IPv{via} address {proxy[via]}: {out}")
         assert out.startswith(f"tailnet-client-{target.lower()} "), out
+
+
+def proxy_group(c: Cluster, image: str) -> str:
+    """An egress ProxyGroup of 2 replicas of `image`, Ready."""
+    pg = unique(f"ha-{image}")
+    c.apply({"apiVersion": "tailscale.com/v1alpha1", "kind": "ProxyGroup", "metadata": {"name": pg},
+             "spec": {"type": "egress", "replicas": 2, "proxyClass": image}})
+
+    def ready() -> bool:
+        obj = c.get(f"/apis/tailscale.com/v1alpha1/proxygroups/{pg}") or {}
+        return any(x["type"] == "ProxyGroupReady" and x["status"] == "True"
+                   for x in obj.get("status", {}).get("conditions", []))
+    try:
+        c.wait_for(ready, 150, f"ProxyGroup {pg} Ready")
+    except TimeoutError as err:
+        raise AssertionError(f"{err}\n{c.pod_log(OPERATOR_NS, f'{pg}-0', 'tailscale')[-3000:]}") from None
+    return pg
+
+
+def group_service_ips(c: Cluster, ns: str, service: str) -> dict[int, str]:
+    """The ClusterIPs, per family, of the Service the operator puts in front of the ProxyGroup for `service`
+    (its ExternalName names it), once both replicas are its endpoints."""
+    def found() -> dict[int, str] | None:
+        ext = ((c.get(f"/api/v1/namespaces/{ns}/services/{service}") or {}).get("spec") or {}).get("externalName", "")
+        if not ext.endswith(".svc.cluster.local"):
+            return None
+        name, where = ext.split(".")[:2]
+        target = (c.get(f"/api/v1/namespaces/{where}/services/{name}") or {}).get("spec") or {}
+        slices = c.list_items(f"/apis/discovery.k8s.io/v1/namespaces/{where}/endpointslices",
+                              f"kubernetes.io/service-name={name}")
+        ready = {ep["addresses"][0] for sl in slices for ep in sl.get("endpoints") or []
+                 if ep.get("conditions", {}).get("ready")}
+        ips = {6 if ":" in ip else 4: ip for ip in target.get("clusterIPs") or []}
+        return ips if len(ready) >= 2 and ips else None
+    return dict(c.wait_for(found, 120, f"the ProxyGroup's Service for {ns}/{service} with both replicas"))
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_ha_egress_to_a_tailnet_address_of_each_family_and_a_name(cluster: Cluster, image: str) -> None:
+    """Upstream's TestHAEgress: the three egress Services above through one egress ProxyGroup of 2 replicas. A
+    cluster pod reaches each through the ClusterIP of the operator's Service of the target's family (both for the
+    name): a ProxyGroup replica maps a port of its Pod address to the target, within one family.
+
+    Ours carries all four. Upstream's carries IPv4 only: its iptables port map writes `--to-destination
+    <target>:<port>` without brackets (util/linuxfw iptables_for_svcs.go, portMapRule), which for an IPv6 target
+    reads as one IPv6 address (fd7a:115c:a1e0::2 and port 8112 become fd7a:115c:a1e0::2:8112): its DNAT sends
+    the connection to an address nobody has. The test asserts that too, from the replica's rules."""
+    c = cluster
+    assert c.tailnet is not None and c.client is not None
+    pg = proxy_group(c, image)
+    ns = namespace(c, "ha")
+    base = 8101 if image == "ours" else 8111
+    ports = {target: base + i for i, target in enumerate(EGRESS)}
+    for target, port in ports.items():
+        c.lab.serve(c.client.ns, f"ha-client-{target.lower()}", "::", port)
+        kind, fam = EGRESS[target]
+        value = client_ips(c)[fam] if fam else "client.lab.ts.net"
+        c.apply({"apiVersion": "v1", "kind": "Service",
+                 "metadata": {"name": target.lower(), "namespace": ns,
+                              "annotations": {f"tailscale.com/{kind}": value, "tailscale.com/proxy-group": pg}},
+                 "spec": {"type": "ExternalName", "externalName": "placeholder",
+                          "ports": [{"name": "http", "port": port, "protocol": "TCP"}]}})
+    carried: dict[tuple[str, int], bool] = {}
+    for target, port in ports.items():
+        fam = EGRESS[target][1]
+        ips = group_service_ips(c, ns, target.lower())
+        for via in ([fam] if fam else [4, 6]):
+            assert via in ips, f"no IPv{via} ClusterIP for {target}: {ips}"
+            out = run_pod(c, ns, unique(f"ha{via}"), FETCH.format(url=url(ips[via], port),
+                                                                  timeout=REACH_TIMEOUT if image == "ours" else 20),
+                          timeout=REACH_TIMEOUT + 30)
+            carried[(target, via)] = out.startswith(f"ha-client-{target.lower()} ")
+            print(f"\n{image}, ProxyGroup {pg}, egress {target} through the IPv{via} ClusterIP {ips[via]}: {out}")
+    log = c.pod_log(OPERATOR_NS, f"{pg}-0", "tailscale")[-2000:]
+    if image == "ours":
+        assert all(carried.values()), (carried, log)
+        return
+    assert carried == {("IPv4", 4): True, ("IPv6", 6): False, ("FQDN", 4): True, ("FQDN", 6): False}, (carried, log)
+    mangled = f"{client_ips(c)[6]}:{ports['IPv6']}"  # the target and its port read as one address
+    rules = "".join(c.in_pod(OPERATOR_NS, f"{pg}-{i}", "ip6tables-nft-save", check=False).stdout for i in range(2))
+    assert f"--to-destination {mangled}" in rules, rules[-3000:]
+
+
+def connector(c: Cluster, image: str, prefix: str, **spec: object) -> str:
+    hostname = unique(prefix)
+    c.apply({"apiVersion": "tailscale.com/v1alpha1", "kind": "Connector", "metadata": {"name": hostname},
+             "spec": {"hostname": hostname, "proxyClass": image, **spec}})
+    return hostname
+
+
+def advertised(c: Cluster, hostname: str) -> set[str]:
+    assert c.tailnet is not None
+    node = c.tailnet.node_by_name(hostname) or {}
+    return set(node.get("available_routes", []) + node.get("announced_routes", []))
+
+
+def remove_connector(c: Cluster, hostname: str) -> None:
+    """The Connector deleted and its proxy Pod gone (its device offline), so that no later test meets its routes."""
+    c.delete(f"/apis/tailscale.com/v1alpha1/connectors/{hostname}")
+    c.wait_for(lambda: not c.list_items(f"/apis/apps/v1/namespaces/{OPERATOR_NS}/statefulsets",
+                                        f"tailscale.com/parent-resource={hostname}"), 90,
+               f"{hostname}'s StatefulSet to go")
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_connector_exit_node_advertises_both_default_routes(cluster: Cluster, image: str) -> None:
+    c = cluster
+    hostname = connector(c, image, "exit", exitNode=True)
+    try:
+        routes = c.wait_for(lambda: (r := advertised(c, hostname)) >= {"0.0.0.0/0", "::/0"} and r, 120,
+                            f"the exit node {hostname} to advertise 0.0.0.0/0 and ::/0")
+        print(f"\n{image}, exit node {hostname}: headscale shows {sorted(routes)}")
+    finally:
+        remove_connector(c, hostname)
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_connector_app_connector_advertises_itself_and_its_ipv6_routes(cluster: Cluster, image: str) -> None:
+    c = cluster
+    route = "fd18:99::/64"  # a preconfigured route of the app connector's domains (nothing answers there)
+    hostname = connector(c, image, "app", appConnector={"routes": [route]})
+    try:
+        routes = c.wait_for(lambda: (r := advertised(c, hostname)) >= {route} and r, 120,
+                            f"the app connector {hostname} to advertise {route}")
+        sts = c.list_items(f"/apis/apps/v1/namespaces/{OPERATOR_NS}/statefulsets",
+                           f"tailscale.com/parent-resource={hostname}")
+        assert sts, f"no StatefulSet for {hostname}"
+        pod = f"{sts[0]['metadata']['name']}-0"
+        prefs = c.exec_in(OPERATOR_NS, pod, "tailscale", "tailscale", "--socket=/tmp/tailscaled.sock", "debug",
+                          "prefs")
+        assert prefs.returncode == 0, prefs.stderr
+        assert json.loads(prefs.stdout)["AppConnector"]["Advertise"] is True
+        print(f"\n{image}, app connector {hostname}: advertises {sorted(routes)}, prefs AppConnector.Advertise true")
+    finally:
+        remove_connector(c, hostname)
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_connector_subnet_router_with_an_ipv6_range_carries_traffic_once_approved(cluster: Cluster,
+                                                                                   image: str) -> None:
+    c = cluster
+    assert c.tailnet is not None and c.client is not None
+    ns = namespace(c, "sr6")
+    web_pod(c, ns, "web")
+    wait_pod_ready(c, ns, "web")
+    svc = c.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": ns},
+                   "spec": {**FAMILIES["IPv6"], "selector": {"app": "web"},
+                            "ports": [{"port": 80, "targetPort": 8080}]}})
+    ip = str(svc["spec"]["clusterIP"])
+    hostname = connector(c, image, "sr6", subnetRouter={"advertiseRoutes": [SERVICE_CIDR6]})
+    try:
+        c.tailnet.cli(c.client, "set", "--accept-routes")
+        c.wait_for(lambda: SERVICE_CIDR6 in advertised(c, hostname), 120, f"{hostname} to advertise {SERVICE_CIDR6}")
+        assert c.tailnet.fetch(c.client.ns, url(ip, 80), timeout=3) is None  # not approved: no route
+        c.tailnet.approve_routes(hostname, SERVICE_CIDR6)
+        body = fetch_from(c, ip, REACH_TIMEOUT)
+        print(f"\n{image}, subnet router {hostname}: {SERVICE_CIDR6} approved; [{ip}]:80 -> {body!r}")
+        assert body is not None and body.startswith("web "), advertised(c, hostname)
+    finally:
+        remove_connector(c, hostname)
