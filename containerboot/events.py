@@ -118,6 +118,25 @@ class MonotonicClock:
             return None
 
 
+class Every:
+    """A period on the loop's Clock, asked on the tick: `due()` is true at most once per `seconds`."""
+
+    def __init__(self, clock: Clock, seconds: float) -> None:
+        self.clock = clock
+        self.seconds = seconds
+        self.next = 0.0
+
+    def due(self) -> bool:
+        if self.clock.now() < self.next:
+            return False
+        self.restart()
+        return True
+
+    def restart(self) -> None:
+        """The next one a whole period from now."""
+        self.next = self.clock.now() + self.seconds
+
+
 class Inbox:
     """The loop's one queue. put() is safe from threads and from signal handlers."""
 

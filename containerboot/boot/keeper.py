@@ -9,7 +9,7 @@ a firewall reload). On a clean shutdown `flush` removes them.
 from __future__ import annotations
 
 from containerboot import log
-from containerboot.events import Cancel, Clock, Exit
+from containerboot.events import Cancel, Clock, Every, Exit
 from containerboot.kube.podevents import REASON_FIREWALL_RULES_RESTORED, Recorder
 from containerboot.metrics import Metrics
 from firewall.model import Driver, FirewallBusy, FirewallError, Plan
@@ -26,7 +26,7 @@ class RuleKeeper:
         self.metrics = metrics
         self.applied: Plan | None = None  # the plan live in the kernel
         self.pending = False  # a plan that could not be applied yet (lock busy): retried on the tick
-        self.next_check = 0.0
+        self.every = Every(clock, DRIFT_CHECK_SECONDS)
 
     def apply(self, plan: Plan) -> bool:
         """Make the kernel's rules equal to `plan`; False when the lock is busy (pending, retried)."""
@@ -48,21 +48,15 @@ class RuleKeeper:
         self.metrics.applies += 1
         self.metrics.last_apply_seconds = self.clock.now() - started
         self.metrics.rules = {fam: len(plan.only(fam).rules) for fam in (4, 6)}
-        self.next_check = self.clock.now() + DRIFT_CHECK_SECONDS
-        return True
-
-    def _due(self) -> bool:
-        if self.clock.now() < self.next_check:
-            return False
-        self.next_check = self.clock.now() + DRIFT_CHECK_SECONDS
+        self.every.restart()
         return True
 
     def retry_due(self) -> bool:
         """A pending plan is tried again every DRIFT_CHECK_SECONDS."""
-        return self.pending and self._due()
+        return self.pending and self.every.due()
 
     def check_due(self) -> bool:
-        return self.applied is not None and not self.pending and self._due()
+        return self.applied is not None and not self.pending and self.every.due()
 
     def check_drift(self) -> None:
         """Put back rules that somebody removed."""

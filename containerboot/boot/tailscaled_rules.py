@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Mapping
 
 from containerboot import log
-from containerboot.events import Clock, Exit, RestartTailscaled
+from containerboot.events import Clock, Every, Exit, RestartTailscaled
 from containerboot.kube.podevents import REASON_TAILSCALED_RESTARTED, Recorder
 from containerboot.metrics import Metrics
 from containerboot.tailscale import tailscaled
@@ -44,13 +44,10 @@ class TailscaledRules:
         self.seen: set[Chain] = set()  # chains seen holding rules since this tailscaled started
         self.lost: tuple[float, frozenset[Chain]] | None = None  # when chains were found gone, and which
         self.restarts: deque[float] = deque()
-        self.next_check = 0.0
+        self.every = Every(clock, CHECK_SECONDS)
 
     def check_due(self) -> bool:
-        if self.clock.now() < self.next_check:
-            return False
-        self.next_check = self.clock.now() + CHECK_SECONDS
-        return True
+        return self.every.due()
 
     def check(self) -> None:
         """Raises RestartTailscaled when chains seen with rules are now empty or gone (Exit when that has

@@ -18,7 +18,17 @@ from typing import Any
 import pytest
 
 from tests.lab.cluster import OPERATOR_NS, POD_CIDR6, SERVICE_CIDR6, Cluster
-from tests.lab.expose import FETCH, expose, fetch_from, run_pod, unique, wait_pod_ready, wait_proxy, web_pod
+from tests.lab.expose import (
+    FETCH,
+    egress_proxy_group,
+    expose,
+    fetch_from,
+    run_pod,
+    unique,
+    wait_pod_ready,
+    wait_proxy,
+    web_pod,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.docker]
 
@@ -143,23 +153,6 @@ def test_egress_to_a_tailnet_address_of_each_family_and_a_name(cluster: Cluster,
         assert out.startswith(f"tailnet-client-{target.lower()} "), out
 
 
-def proxy_group(c: Cluster, image: str) -> str:
-    """An egress ProxyGroup of 2 replicas of `image`, Ready."""
-    pg = unique(f"ha-{image}")
-    c.apply({"apiVersion": "tailscale.com/v1alpha1", "kind": "ProxyGroup", "metadata": {"name": pg},
-             "spec": {"type": "egress", "replicas": 2, "proxyClass": image}})
-
-    def ready() -> bool:
-        obj = c.get(f"/apis/tailscale.com/v1alpha1/proxygroups/{pg}") or {}
-        return any(x["type"] == "ProxyGroupReady" and x["status"] == "True"
-                   for x in obj.get("status", {}).get("conditions", []))
-    try:
-        c.wait_for(ready, 150, f"ProxyGroup {pg} Ready")
-    except TimeoutError as err:
-        raise AssertionError(f"{err}\n{c.pod_log(OPERATOR_NS, f'{pg}-0', 'tailscale')[-3000:]}") from None
-    return pg
-
-
 def group_service_ips(c: Cluster, ns: str, service: str) -> dict[int, str]:
     """The ClusterIPs, per family, of the Service the operator puts in front of the ProxyGroup for `service`
     (its ExternalName names it), once both replicas are its endpoints."""
@@ -190,7 +183,7 @@ def test_ha_egress_to_a_tailnet_address_of_each_family_and_a_name(cluster: Clust
     the connection to an address nobody has. The test asserts that too, from the replica's rules."""
     c = cluster
     assert c.tailnet is not None and c.client is not None
-    pg = proxy_group(c, image)
+    pg = egress_proxy_group(c, unique(f"ha-{image}"), image)
     ns = namespace(c, "ha")
     base = 8101 if image == "ours" else 8111
     ports = {target: base + i for i, target in enumerate(EGRESS)}

@@ -15,10 +15,12 @@ from tests.lab.cluster import METRICS_CLASS, NO_LEGACY_XTABLES, NO_LEGACY_XTABLE
 from tests.lab.expose import (
     FETCH,
     Exposed,
+    egress_proxy_group,
     expose,
     fetch_from,
     fetch_through_tailnet,
     labels_of,
+    proxy_group_ready,
     run_pod,
     unique,
     wait_pod_ready,
@@ -393,20 +395,7 @@ def test_egress_proxygroup_two_replicas(cluster: Cluster) -> None:
     assert c.tailnet is not None and c.client is not None
     c.lab.serve(c.client.ns, "pg-target", "0.0.0.0", 8081)
     c.lab.serve(c.client.ns, "pg-target2", "0.0.0.0", 8082)
-    pg = unique("egress-pg")
-    c.apply({"apiVersion": "tailscale.com/v1alpha1", "kind": "ProxyGroup", "metadata": {"name": pg},
-             "spec": {"type": "egress", "replicas": 2, "proxyClass": "ours"}})
-
-    def pg_ready() -> bool:
-        obj = c.get(f"/apis/tailscale.com/v1alpha1/proxygroups/{pg}") or {}
-        return any(x["type"] == "ProxyGroupReady" and x["status"] == "True"
-                   for x in obj.get("status", {}).get("conditions", []))
-    try:
-        c.wait_for(pg_ready, 150, f"ProxyGroup {pg} Ready")
-    except TimeoutError as err:
-        obj = c.get(f"/apis/tailscale.com/v1alpha1/proxygroups/{pg}")
-        raise AssertionError(f"{err}: {json.dumps((obj or {}).get('status'))[:1500]}\n"
-                             f"{c.pod_log(OPERATOR_NS, f'{pg}-0', 'tailscale')[-3000:]}") from None
+    pg = egress_proxy_group(c, unique("egress-pg"), "ours")
     secrets = [c.secret_data(OPERATOR_NS, f"{pg}-{i}") for i in range(2)]
     for s in secrets:
         assert s.get("pod_uid") and s.get("device_fqdn"), sorted(s)
@@ -465,7 +454,7 @@ def test_egress_proxygroup_two_replicas(cluster: Cluster) -> None:
     print("\nreplica 0's pre-stop drain:\n  " + "\n  ".join(drain))
     c.wait_for(lambda: c.secret_data(OPERATOR_NS, f"{pg}-0").get("pod_uid") not in (None, "", old_uid), 120,
                "the replaced replica to write its pod_uid")
-    c.wait_for(pg_ready, 120, f"ProxyGroup {pg} Ready again")
+    c.wait_for(lambda: proxy_group_ready(c, pg), 120, f"ProxyGroup {pg} Ready again")
     after = c.secret_data(OPERATOR_NS, f"{pg}-0")
     assert (after.get("device_id") or after.get("device_fqdn")) == before
     print(f"\negress ProxyGroup {pg}: 2 replicas ready, both Services carried traffic; replica 0 came back as {before}")

@@ -154,5 +154,24 @@ while True:
 """
 
 
+def proxy_group_ready(c: Cluster, name: str) -> bool:
+    obj = c.get(f"/apis/tailscale.com/v1alpha1/proxygroups/{name}") or {}
+    return any(x["type"] == "ProxyGroupReady" and x["status"] == "True"
+               for x in obj.get("status", {}).get("conditions", []))
+
+
+def egress_proxy_group(c: Cluster, name: str, proxy_class: str, replicas: int = 2) -> str:
+    """An egress ProxyGroup of `replicas` replicas through `proxy_class`, waited for until Ready."""
+    c.apply({"apiVersion": "tailscale.com/v1alpha1", "kind": "ProxyGroup", "metadata": {"name": name},
+             "spec": {"type": "egress", "replicas": replicas, "proxyClass": proxy_class}})
+    try:
+        c.wait_for(lambda: proxy_group_ready(c, name), 150, f"ProxyGroup {name} Ready")
+    except TimeoutError as err:
+        obj = c.get(f"/apis/tailscale.com/v1alpha1/proxygroups/{name}")
+        raise AssertionError(f"{err}: {json.dumps((obj or {}).get('status'))[:1500]}\n"
+                             f"{c.pod_log(OPERATOR_NS, f'{name}-0', 'tailscale')[-3000:]}") from None
+    return name
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
