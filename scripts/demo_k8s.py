@@ -106,8 +106,11 @@ def run_variant(c: Cluster, variant: str, what: str) -> tuple[float | None, str]
     if across:
         say(f"[{variant}] {across[:260]}")
     svc_ip = (c.get(f"/api/v1/namespaces/{ns}/services/web") or {}).get("spec", {}).get("clusterIP", "?")
-    nft = c.in_pod(OPERATOR_NS, e.pod, "nft", "list", "ruleset", check=False).stdout
-    legacy = c.in_pod(OPERATOR_NS, e.pod, "iptables-legacy-save", check=False).stdout
+    # iptables-nft's IPv6 DNAT lists in nft as an xt target without its address: ask ip6tables-nft-save too.
+    nft = "".join(c.in_pod(OPERATOR_NS, e.pod, *argv, check=False).stdout
+                  for argv in (["nft", "list", "ruleset"], ["ip6tables-nft-save"]))
+    legacy = "".join(c.in_pod(OPERATOR_NS, e.pod, exe, check=False).stdout
+                     for exe in ("iptables-legacy-save", "ip6tables-legacy-save"))
     where = [name for name, text in (("nf_tables", nft), ("legacy iptables", legacy)) if svc_ip in text]
     say(f"[{variant}] DNAT to the Service's cluster IP {svc_ip} is in: {', '.join(where) or 'nowhere'}")
     if body:
