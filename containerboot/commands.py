@@ -51,7 +51,7 @@ def _services(settings: Settings, families: Sequence[int]) -> tuple[Any, Any, li
     try:
         if settings.egress_proxies_config_path:
             cfg = egress.read_config(settings.egress_proxies_config_path) or ()
-            resolved, notes = egress.targets(cfg, ipn.Node(), families)
+            resolved, notes = egress.targets(cfg, ipn.Node(), families, settings.pod_ips)
             notes += [f"egress service {svc.name}: target {svc.fqdn} is a name, resolved from the netmap at run "
                       "time; no rules for it here" for svc in cfg if svc.ip is None]
         if settings.ingress_proxies_config_path:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from containerboot.log import go_list
 from containerboot.settings import shown
 from containerboot.tailscale import ipn
 from firewall.model import IPAddress
@@ -279,9 +280,11 @@ class Resolved:
     targets: tuple[IPAddress, ...]
 
 
-def targets(services: Configs, node: ipn.Node, families: Iterable[int] = (4, 6)) -> tuple[list[Resolved], list[str]]:
-    """Each service's target addresses, IPv6 ones only where the host has IPv6 NAT; and notes. Names
-    resolve only once the node knows itself (before that the netmap is not there)."""
+def targets(services: Configs, node: ipn.Node, families: Iterable[int] = (4, 6),
+            pod: Iterable[IPAddress] = ()) -> tuple[list[Resolved], list[str]]:
+    """Each service's target addresses, IPv6 ones only where the host has IPv6 NAT; and notes, among them a
+    Pod address of a family no target has (POD_IPS: `pod`). Names resolve only once the node knows itself
+    (before that the netmap is not there)."""
     v6 = 6 in set(families)
     out: list[Resolved] = []
     notes: list[str] = []
@@ -301,7 +304,21 @@ def targets(services: Configs, node: ipn.Node, families: Iterable[int] = (4, 6))
             notes.append(f"egress service {svc.name}: tailnet target {svc.ip_text or svc.fqdn} has IPv6 addresses, "
                          "but this host does not support IPv6 in the chosen firewall mode; skipping them")
         out.append(Resolved(svc, kept))
+        notes += _cross_family(svc.name, kept, pod)
     return out, notes
+
+
+def _cross_family(name: str, kept: tuple[IPAddress, ...], pod: Iterable[IPAddress]) -> list[str]:
+    """A cluster client that reaches this Pod over the family no target has gets nothing: a port map DNATs
+    within one family (upstream skips that family without a word, tailscale/tailscale#18518)."""
+    have = {a.version for a in kept}
+    out = []
+    for addr in (a for a in pod if kept and a.version not in have):
+        fam, alt = addr.version, 10 - addr.version
+        out.append(f"egress service {name}: its tailnet targets {go_list(kept)} are IPv{alt} only: connections to "
+                   f"this Pod's IPv{fam} address {addr} are not forwarded (netfilter cannot translate IPv{fam} to "
+                   f"IPv{alt}); cluster clients reach it over IPv{alt} (the Service's IPv{alt} ClusterIP)")
+    return out
 
 
 # ---- status (pure) ------------------------------------------------------------------------------------------

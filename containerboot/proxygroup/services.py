@@ -96,7 +96,7 @@ class ProxyGroupServices:
         resolved: list[egress.Resolved] = []
         notes: list[str] = []
         if self.egress_cfg:
-            resolved, notes = egress.targets(self.egress_cfg, node, families)
+            resolved, notes = egress.targets(self.egress_cfg, node, families, self.s.pod_ips)
         return resolved, self.ingress_cfg or (), notes
 
     def wants_dns_config(self) -> bool:

@@ -150,6 +150,25 @@ def test_targets_without_ipv6_nat_skip_ipv6() -> None:
     assert len(notes) == 2 and all("IPv6" in n for n in notes)
 
 
+def test_a_pod_address_of_a_family_no_target_has_is_said_once() -> None:
+    """A port map DNATs within one family: the Pod's address of the other family forwards nothing for that
+    service (upstream skips it silently, tailscale/tailscale#18518)."""
+    services = egress.parse(cfg(v6=svc("fd7a:115c:a1e0::9", "", ("tcp", 2, 2)),
+                                v4=svc("100.64.0.9", "", ("tcp", 3, 3))))
+    assert services is not None
+    pod = (a("198.18.64.5"), a("fd18:64::5"))
+    _, notes = egress.targets(services, node(), pod=pod)
+    assert notes == [
+        "egress service v4: its tailnet targets [100.64.0.9] are IPv4 only: connections to this Pod's IPv6 address "
+        "fd18:64::5 are not forwarded (netfilter cannot translate IPv6 to IPv4); cluster clients reach it over IPv4 "
+        "(the Service's IPv4 ClusterIP)",
+        "egress service v6: its tailnet targets [fd7a:115c:a1e0::9] are IPv6 only: connections to this Pod's IPv4 "
+        "address 198.18.64.5 are not forwarded (netfilter cannot translate IPv4 to IPv6); cluster clients reach it "
+        "over IPv6 (the Service's IPv6 ClusterIP)"]
+    assert egress.targets(services, node(), pod=(a("fd18:64::5"),))[1] == [notes[0]]  # a single-stack Pod
+    assert egress.targets(services, node())[1] == []  # POD_IPS unknown: nothing to say
+
+
 def test_names_wait_for_the_netmap() -> None:
     services = egress.parse(cfg(web=svc("", "web.ts.net", ("tcp", 1, 1))))
     assert services is not None
