@@ -59,6 +59,7 @@ class Metrics:
     key_expiry: float | None = None  # the node key's expiry, Unix time (None: it does not expire, or unknown)
     services: dict[tuple[str, str], int] = field(default_factory=dict)  # (egress|ingress, configured|applied)
     reissues: int = 0
+    tailscaled_rules_lost: int = 0
     tailscaled_restarts: int = 0
     clock: Callable[[], float] = time.monotonic
     wall: Callable[[], float] = time.time
@@ -111,6 +112,9 @@ class Metrics:
                [({"kind": kind, "state": state}, n) for (kind, state), n in sorted(self.services.items())])
         family("containerboot_authkey_reissues_total", "counter", "New auth keys asked of the operator.",
                [({}, self.reissues)])
+        family("containerboot_tailscaled_rules_lost_total", "counter",
+               "Times tailscaled's own netfilter chains were found removed under it.",
+               [({}, self.tailscaled_rules_lost)])
         family("containerboot_tailscaled_restarts_total", "counter",
                "tailscaled restarted in-process because its own netfilter chains were removed.",
                [({}, self.tailscaled_restarts)])

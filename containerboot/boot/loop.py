@@ -93,8 +93,9 @@ class Boot:
         d = fw.detection
         if lasting is None:  # the first boot
             metrics = Metrics(firewall=(d.backend, d.variant, "; ".join(d.evidence)) if d else None, clock=clock.now)
-            lasting = Lasting(metrics, RuleKeeper(fw.driver, cancel, clock, metrics, events) if fw.driver else None,
-                              TailscaledRules(fw.chains, clock, api, metrics, events) if fw.chains else None)
+            keeper = RuleKeeper(fw.driver, cancel, clock, metrics, events) if fw.driver else None
+            watch = TailscaledRules(fw.chains, s, clock, api, metrics, events) if fw.chains else None
+            lasting = Lasting(metrics, keeper, watch)
         self.lasting = lasting
         self.metrics, self.keeper = lasting.metrics, lasting.keeper
         self.node = ipn.Node()

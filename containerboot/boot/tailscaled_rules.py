@@ -8,7 +8,9 @@ whole-ruleset flush, a firewall reload in a shared network namespace) the boot r
 that loses least. The container and its Pod stay up, our own rules stay in the kernel, and nothing
 depends on a restart policy (a `docker run` without one would simply stop); the Secret or state
 directory brings the node back as itself. Exiting for the kubelet instead would cost a container
-restart each time, and CrashLoopBackOff when it repeats.
+restart each time, and CrashLoopBackOff when it repeats. Where tailscaled's state is in memory, a restart
+(or an exit) would register a new device with new addresses: then keeping the node loses less, and the
+loss is only said (log, Event, metric), with what would let containerboot repair it.
 
 A chain counts only once it has been seen holding rules in this tailscaled's life (a netfilter mode
 of off or nodivert, or a tailscaled still starting, is not a loss). Something that keeps flushing
@@ -22,8 +24,9 @@ from collections.abc import Mapping
 
 from containerboot import log
 from containerboot.events import Clock, Every, Exit, RestartTailscaled
-from containerboot.kube.podevents import REASON_TAILSCALED_RESTARTED, Recorder
+from containerboot.kube.podevents import REASON_TAILSCALED_RESTARTED, REASON_TAILSCALED_RULES_LOST, Recorder
 from containerboot.metrics import Metrics
+from containerboot.settings import Settings
 from containerboot.tailscale import tailscaled
 from containerboot.tailscale.localapi import TailscaledAPI
 from firewall.tschains import Chain, ChainReader, describe
@@ -34,9 +37,10 @@ RESTART_WINDOW = 600.0
 
 
 class TailscaledRules:
-    def __init__(self, reader: ChainReader, clock: Clock, api: TailscaledAPI, metrics: Metrics,
+    def __init__(self, reader: ChainReader, s: Settings, clock: Clock, api: TailscaledAPI, metrics: Metrics,
                  events: Recorder) -> None:
         self.reader = reader
+        self.keeps_state = tailscaled.keeps_state(s)  # a restarted tailscaled is the same node
         self.clock = clock
         self.api = api
         self.metrics = metrics
@@ -70,6 +74,14 @@ class TailscaledRules:
             self.seen = set()  # `tailscale set --netfilter-mode=off` removed them, as asked
             return
         what = f"tailscaled's own netfilter chains were removed ({describe(gone)})"
+        self.metrics.tailscaled_rules_lost += 1
+        if not self.keeps_state:
+            self.seen = set()  # said once for this loss
+            why = ("not restarting tailscaled to put them back: its state is in memory, so a restart would "
+                   "register a new device with new addresses; set TS_STATE_DIR (or TS_KUBE_SECRET) for that")
+            log.warning(f"{what}; {why}")
+            self.events.emit(REASON_TAILSCALED_RULES_LOST, f"{what}; {why}", warning=True)
+            return
         now = self.clock.now()
         while self.restarts and self.restarts[0] <= now - RESTART_WINDOW:
             self.restarts.popleft()

@@ -42,8 +42,9 @@ REASON_FIREWALL_RULES_RESTORED = "FirewallRulesRestored"  # Warning: someone rem
 REASON_AUTH_KEY_REISSUE = "AuthKeyReissue"  # Warning: control refused the key; a new one is asked for
 REASON_CONFIG_REJECTED = "ConfigRejected"  # Warning: a config file or a reload was refused
 REASON_TAILSCALED_RESTARTED = "TailscaledRestarted"  # Warning: its own chains were removed; restarted for them
+REASON_TAILSCALED_RULES_LOST = "TailscaledRulesLost"  # Warning: its own chains were removed; a restart would lose more
 WARNING_REASONS = frozenset({REASON_FIREWALL_RULES_RESTORED, REASON_AUTH_KEY_REISSUE, REASON_CONFIG_REJECTED,
-                             REASON_TAILSCALED_RESTARTED})
+                             REASON_TAILSCALED_RESTARTED, REASON_TAILSCALED_RULES_LOST})
 
 
 class Recorder(Protocol):

@@ -55,6 +55,14 @@ def tailscaled_argv(s: Settings) -> list[str]:
     return argv + list(s.tailscaled_extra_args)
 
 
+def keeps_state(s: Settings) -> bool:
+    """Whether tailscaled's state outlives its process: restarted, it is the same node (a kube Secret, a
+    state directory or file); with `--state=mem:` it would register as a new device."""
+    argv = tailscaled_argv(s)
+    state = [a.split("=", 1)[1] for a in argv if a.startswith("--state=")]
+    return not state[-1].startswith("mem:") if state else any(a.startswith("--statedir=") for a in argv)
+
+
 def _accept_dns(s: Settings) -> str:
     return f"--accept-dns={'true' if s.accept_dns else 'false'}"
 

@@ -28,9 +28,9 @@ def test_event_name_is_upstreams() -> None:
 
 def test_the_boots_reasons_are_valid_and_typed() -> None:
     reasons = [pe.REASON_FIREWALL_BACKEND, pe.REASON_FIREWALL_RULES_RESTORED, pe.REASON_AUTH_KEY_REISSUE,
-               pe.REASON_CONFIG_REJECTED, pe.REASON_TAILSCALED_RESTARTED]
+               pe.REASON_CONFIG_REJECTED, pe.REASON_TAILSCALED_RESTARTED, pe.REASON_TAILSCALED_RULES_LOST]
     assert reasons == ["FirewallBackend", "FirewallRulesRestored", "AuthKeyReissue", "ConfigRejected",
-                       "TailscaledRestarted"]
+                       "TailscaledRestarted", "TailscaledRulesLost"]
     assert all(pe.reason_ok(r) for r in reasons)
     assert pe.WARNING_REASONS == set(reasons) - {pe.REASON_FIREWALL_BACKEND}
 
