@@ -42,10 +42,7 @@ from containerboot.events import (
 from containerboot.httpserver import Server
 from containerboot.kube import configdir
 from containerboot.kube import state as kube_state
-from containerboot.kube.podevents import (
-    REASON_AUTH_KEY_REISSUE,
-    Recorder,
-)
+from containerboot.kube.podevents import REASON_AUTH_KEY_REISSUE, Recorder
 from containerboot.kube.secret import StateStore
 from containerboot.metrics import Metrics
 from containerboot.proxygroup.services import ProxyGroupServices
