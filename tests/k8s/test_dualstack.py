@@ -185,7 +185,7 @@ def test_ha_egress_to_a_tailnet_address_of_each_family_and_a_name(cluster: Clust
     assert c.tailnet is not None and c.client is not None
     pg = egress_proxy_group(c, unique(f"ha-{image}"), image)
     ns = namespace(c, "ha")
-    base = 8101 if image == "ours" else 8111
+    base = 8121 if image == "ours" else 8131  # the tailnet client's ports are the session's: none shared
     ports = {target: base + i for i, target in enumerate(EGRESS)}
     for target, port in ports.items():
         c.lab.serve(c.client.ns, f"ha-client-{target.lower()}", "::", port)

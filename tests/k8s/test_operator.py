@@ -117,7 +117,10 @@ def test_a_flushed_ruleset_in_the_proxy_pod_brings_traffic_back(cluster: Cluster
     log = c.pod_log(OPERATOR_NS, e.pod, "tailscale")
     assert body is not None and body.startswith("web "), f"no page 15 s after the flush; proxy log:\n{log[-4000:]}"
     assert "rules changed outside containerboot" in log and "tailscaled's own netfilter chains were removed" in log
-    back = next(line for line in log.splitlines() if "tailscaled's netfilter chains are back" in line)
+    # The page can be back before the next 2 s check has seen the chains again and said so.
+    back = str(c.wait_for(lambda: next((ln for ln in c.pod_log(OPERATOR_NS, e.pod, "tailscale").splitlines()
+                                         if "tailscaled's netfilter chains are back" in ln), None), 10,
+                          "the line saying tailscaled's chains are back"))
     print(f"\nnft flush ruleset in the proxy Pod -> page through the tailnet again in {took:.1f} s "
           f"({back.split(', ')[-1]})")
 
