@@ -65,6 +65,7 @@ def _objects(output: Any) -> list[Json]:
 
 
 NETLINK_NETFILTER = 12  # <linux/netlink.h>
+NFPROTO = {4: 2, 6: 10}  # NFPROTO_IPV4, NFPROTO_IPV6 (0: NFPROTO_UNSPEC)
 
 class BindingLibnft:
     path = "binding"
@@ -153,17 +154,23 @@ class Nfnetlink:
         self._sock: socket.socket | None = None
         self._seq = 0
 
-    def _ask(self, kind: int, family: int, attrs: bytes = b"") -> tuple[int, bytes] | None:
-        """The reply's message type and payload (after the nfgenmsg header)."""
+    def _send(self, kind: int, fam: int, attrs: bytes, flags: int) -> socket.socket:
+        """One request of `kind` for address family `fam` (0: any), numbered `self._seq`; the socket the
+        answer comes on."""
         self._seq += 1
-        msg = struct.pack("=LHHLLBBH", 20 + len(attrs), self.SUBSYS | kind, self.NLM_F_REQUEST, self._seq, 0,
-                          family, 0, 0) + attrs
+        msg = struct.pack("=LHHLLBBH", 20 + len(attrs), self.SUBSYS | kind, flags, self._seq, 0,
+                          NFPROTO.get(fam, 0), 0, 0) + attrs
+        if self._sock is None:
+            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self._sock.send(msg)
+        return self._sock
+
+    def _ask(self, kind: int, fam: int, attrs: bytes = b"") -> tuple[int, bytes] | None:
+        """The reply's message type and payload (after the nfgenmsg header)."""
         try:
-            if self._sock is None:
-                self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-            self._sock.send(msg)
+            sock = self._send(kind, fam, attrs, self.NLM_F_REQUEST)
             while True:
-                data = self._sock.recv(65536)
+                data = sock.recv(65536)
                 length, reply, _, seq = struct.unpack_from("=LHHL", data)
                 if seq == self._seq:
                     return reply, data[16:length]
@@ -171,7 +178,7 @@ class Nfnetlink:
             return None
 
     def generation(self) -> int | None:
-        answer = self._ask(self.GETGEN, socket.AF_UNSPEC)
+        answer = self._ask(self.GETGEN, 0)
         if answer is None or answer[0] != self.SUBSYS | self.NEWGEN:
             return None
         body, pos = answer[1], 4  # after nfgenmsg
@@ -183,7 +190,7 @@ class Nfnetlink:
         return None
 
     def has_table(self, fam: int, name: str) -> bool | None:
-        answer = self._ask(self.GETTABLE, {4: 2, 6: 10}[fam], _attr(1, name))  # NFTA_TABLE_NAME
+        answer = self._ask(self.GETTABLE, fam, _attr(1, name))  # NFTA_TABLE_NAME
         if answer is None:
             return None
         if answer[0] == self.SUBSYS | self.NEWTABLE:
@@ -195,17 +202,12 @@ class Nfnetlink:
     def rule_count(self, fam: int, table: str, chain: str) -> int | None:
         """The rules in `chain` of `table`; 0 where either does not exist (the kernel's filtered dump
         finds nothing then)."""
-        self._seq += 1
-        attrs = _attr(1, table) + _attr(2, chain)  # NFTA_RULE_TABLE, NFTA_RULE_CHAIN
-        msg = struct.pack("=LHHLLBBH", 20 + len(attrs), self.SUBSYS | self.GETRULE,
-                          self.NLM_F_REQUEST | self.NLM_F_DUMP, self._seq, 0, {4: 2, 6: 10}[fam], 0, 0) + attrs
         count = 0
         try:
-            if self._sock is None:
-                self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-            self._sock.send(msg)
+            sock = self._send(self.GETRULE, fam, _attr(1, table) + _attr(2, chain),  # NFTA_RULE_TABLE, _CHAIN
+                              self.NLM_F_REQUEST | self.NLM_F_DUMP)
             while True:
-                data, pos = self._sock.recv(1 << 16), 0
+                data, pos = sock.recv(1 << 16), 0
                 while pos + 16 <= len(data):
                     length, kind, _, seq = struct.unpack_from("=LHHL", data, pos)
                     if length < 16:
