@@ -12,7 +12,7 @@ from containerboot.events import Exit
 from containerboot.settings import Settings
 from containerboot.tailscale import tailscaled, vipservices
 from firewall.model import Driver
-from firewall.tschains import ChainReader
+from firewall.tschains import ChainReader, reader
 
 if TYPE_CHECKING:
     from firewall.detect import Detection  # imported when detection runs (kernel mode only)
@@ -49,7 +49,6 @@ class Firewall:
 
 
 def prepare_firewall(s: Settings) -> Firewall:
-    from firewall import tschains
     from firewall.detect import DetectionError, make_driver
 
     env = tailscaled.child_env(os.environ)  # no secret variable reaches tailscaled
@@ -86,7 +85,7 @@ def prepare_firewall(s: Settings) -> Firewall:
             log.info(f"tailscaled runs iptables as iptables-legacy (through {shim}), like our rules")
     # Watched where tailscaled writes in our backend (not where it was told `auto`, and chooses for itself).
     handed = env.get("TS_DEBUG_FIREWALL_MODE") == detection.backend
-    return Firewall(detection, driver, env, tschains.reader(detection.backend, detection.families) if handed else None)
+    return Firewall(detection, driver, env, reader(detection.backend, detection.families) if handed else None)
 
 
 def _state_store(s: Settings) -> str:
