@@ -65,6 +65,7 @@ def _objects(output: Any) -> list[Json]:
 
 
 NETLINK_NETFILTER = 12  # <linux/netlink.h>
+ANSWER_TIMEOUT = 2.0  # seconds for nf_tables to answer one request (it answers in well under a millisecond)
 NFPROTO = {4: 2, 6: 10}  # NFPROTO_IPV4, NFPROTO_IPV6 (0: NFPROTO_UNSPEC)
 
 class BindingLibnft:
@@ -162,6 +163,7 @@ class Nfnetlink:
                           NFPROTO.get(fam, 0), 0, 0) + attrs
         if self._sock is None:
             self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+            self._sock.settimeout(ANSWER_TIMEOUT)  # a missing answer is "could not ask", never a hang
         self._sock.send(msg)
         return self._sock
 
