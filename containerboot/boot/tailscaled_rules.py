@@ -62,7 +62,10 @@ class TailscaledRules:
         gone = frozenset(c for c in self.seen if not found.get(c))
         if gone:
             self._gone(gone)
+        first = not self.seen
         self.seen |= {c for c, n in found.items() if n}
+        if first and self.seen:  # from here on a removal counts; said once per tailscaled
+            log.info(f"watching tailscaled's netfilter chains: {describe(self.seen)}")
         if self.lost is not None and self.lost[1] <= self.seen:
             log.info(f"tailscaled's netfilter chains are back ({describe(self.lost[1])}), "
                      f"{self.clock.now() - self.lost[0]:.1f}s after they were found gone")

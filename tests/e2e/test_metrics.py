@@ -55,6 +55,7 @@ def test_kernel_mode_metrics_move(net: Tailnet, client: Node, boot: Callable[...
     # Somebody flushes the rule set: ours repaired, and counted once; tailscaled's own (its ts-postrouting is
     # in the nat table too) brought back by a restart of tailscaled, counted once (tests/e2e/test_tailscaled_rules).
     assert one(m, "containerboot_tailscaled_restarts_total") == 0
+    proxy.run.wait_contains("watching tailscaled's netfilter chains: ", timeout=10)
     net.lab.run(ns, *(["nft", "flush", "ruleset"] if backend == "nftables" else ["iptables-legacy", "-t", "nat", "-F"]))
     proxy.run.wait_contains("firewall: rules changed outside containerboot", timeout=10)
     proxy.run.wait_contains("tailscaled's netfilter chains are back", timeout=60)

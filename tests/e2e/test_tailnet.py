@@ -151,6 +151,7 @@ def test_flushed_rules_come_back(net: Tailnet, client: Node, boot: Callable[...,
     proxy = boot(ns, f"flush{n}", TS_USERSPACE="false", TS_DEST_IP=f"198.18.{n}.2", TS_DEBUG_FIREWALL_MODE=backend)
     url = f"http://{proxy.ip()}:8080/"
     assert net.wait_fetch(client.ns, url, f"backend 198.18.{n}.1")
+    proxy.run.wait_contains("watching tailscaled's netfilter chains: ", timeout=10)
     net.lab.run(ns, *(["nft", "flush", "ruleset"] if backend == "nftables" else ["iptables-legacy", "-t", "nat", "-F"]))
     flushed = time.monotonic()
     back = wait_for(lambda: (net.fetch(client.ns, url, timeout=1) or "").startswith("backend "), 8)

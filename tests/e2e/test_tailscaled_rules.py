@@ -39,6 +39,7 @@ def test_a_flushed_ruleset_brings_tailscaled_rules_back(net: Tailnet, client: No
     ip = proxy.ip()
     assert net.wait_fetch(client.ns, url, masqueraded) == masqueraded
 
+    proxy.run.wait_contains("watching tailscaled's netfilter chains: ", timeout=10)  # a removal counts from here
     flushed = time.monotonic()
     for cmd in FLUSH[backend]:
         net.lab.run(ns, *cmd.split())

@@ -110,6 +110,8 @@ def test_a_flushed_ruleset_in_the_proxy_pod_brings_traffic_back(cluster: Cluster
     body = fetch_through_tailnet(c, e, REACH_TIMEOUT)
     assert body is not None and body.startswith("web "), c.pod_log(OPERATOR_NS, e.pod, "tailscale")[-3000:]
 
+    c.wait_for(lambda: "watching tailscaled's netfilter chains: " in c.pod_log(OPERATOR_NS, e.pod, "tailscale"), 10,
+               "containerboot to have seen tailscaled's chains (a removal counts from then on)")
     flushed = time.monotonic()
     c.in_pod(OPERATOR_NS, e.pod, "nft", "flush", "ruleset")
     body = fetch_through_tailnet(c, e, 15)

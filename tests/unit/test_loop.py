@@ -230,6 +230,8 @@ def flush_tailscaled_chains(lab: LoopLab) -> None:
     """`nft flush ruleset`, as far as tailscaled's chains go, once the watch has seen them."""
     reads = lab.chains.reads
     assert wait_for(lambda: lab.chains.reads >= reads + 2)
+    lab.wait_log("watching tailscaled's netfilter chains: ip filter ts-forward, ip filter ts-input, ip nat "
+                 "ts-postrouting")
     lab.chains.counts = {}
 
 
